@@ -1,0 +1,1 @@
+"""agentcg command line (click): thin calls into agentcg.client."""

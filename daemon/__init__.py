@@ -1,0 +1,1 @@
+"""agentcgd: the composition root, socket server and restore logic."""
