@@ -1,0 +1,413 @@
+"""The only code that touches cgroupfs (cgroup v2 interface files).
+
+`CgroupFs(root)` works below one directory: the daemon's delegated subtree on
+a real host, a `tmp_path` tree in tests. Paths given to its methods are
+relative to that root ("s-build/c-3"). A cgroup that vanished under us
+(FileNotFoundError, ENODEV) is "gone": reads return None, removal counts as
+done, writes raise `CgroupGone`. Every limit change is logged as old -> new
+with its reason.
+
+`detect_hierarchy()` tells a pure cgroup v2 host from a hybrid or v1 one and
+`HierarchyInfo.refusal()` explains how to fix a host that cannot be managed.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+GONE_ERRNOS = (errno.ENOENT, errno.ENODEV)
+MANAGED_CONTROLLERS = ("cpu", "memory", "pids", "io")
+
+log = logging.getLogger("agentcg.cgroupfs")
+
+
+class CgroupGone(Exception):
+    """The cgroup does not exist (any more)."""
+
+
+class CgroupError(OSError):
+    """The kernel refused a cgroup operation; the message says which file."""
+
+
+def _gone(exc: OSError) -> bool:
+    return exc.errno in GONE_ERRNOS
+
+
+# -- hierarchy detection ------------------------------------------------------
+
+@dataclass(frozen=True)
+class HierarchyInfo:
+    """What this host mounts. kind: "unified" (pure v2), "hybrid" (v2 next to
+    v1 controllers), "legacy" (v1 only) or "none"."""
+
+    kind: str
+    cgroup2_mount: str | None
+    controllers: tuple[str, ...] = ()          # offered by the cgroup2 root
+    v1_controllers: tuple[str, ...] = ()       # bound to v1 hierarchies
+    v1_mounts: dict[str, str] = field(default_factory=dict)
+
+    def missing(self, needed: Iterable[str]) -> list[str]:
+        return [c for c in needed if c not in self.controllers]
+
+    def refusal(self, needed: Iterable[str] = ("cpu", "memory", "pids")) -> str | None:
+        """None when cgroup v2 offers every needed controller, else why not and how to fix it."""
+        needed = list(needed)
+        lacking = self.missing(needed)
+        if self.cgroup2_mount and not lacking:
+            return None
+        fix = ("Fix: boot with 'systemd.unified_cgroup_hierarchy=1 cgroup_no_v1=all' on the kernel "
+               "command line (e.g. add it to GRUB_CMDLINE_LINUX in /etc/default/grub, run update-grub, "
+               "reboot), so that the v1 hierarchies release the controllers to cgroup v2. "
+               "To run without enforcement (testing only), set daemon.require_controllers = false "
+               "and daemon.cgroup_root to a directory under the cgroup2 mount.")
+        if self.kind == "none":
+            return "agentcgd needs cgroup v2, but no cgroup2 filesystem is mounted. " + fix
+        held = [c for c in lacking if c in self.v1_controllers]
+        where = ", ".join(f"{c} at {self.v1_mounts.get(c, '?')}" for c in held)
+        head = (f"agentcgd needs cgroup v2 with the controllers {', '.join(needed)}, but this host's "
+                f"hierarchy is {self.kind}: cgroup2 at {self.cgroup2_mount or '(not mounted)'} offers "
+                f"[{' '.join(self.controllers)}] and lacks {', '.join(lacking)}")
+        if held:
+            head += f" (bound to cgroup v1: {where})"
+        return head + ". " + fix
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "cgroup2_mount": self.cgroup2_mount,
+                "controllers": list(self.controllers), "v1_controllers": list(self.v1_controllers)}
+
+
+def parse_mounts(text: str) -> tuple[str | None, dict[str, str]]:
+    """/proc/self/mounts text -> (cgroup2 mount point or None, {v1 controller: mount})."""
+    v2_points: list[str] = []
+    v1: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        point, fstype, opts = parts[1], parts[2], parts[3].split(",")
+        if fstype == "cgroup2":
+            v2_points.append(point)
+        elif fstype == "cgroup":
+            for opt in opts:
+                if opt in ("cpu", "cpuacct", "memory", "pids", "blkio", "io", "cpuset", "freezer",
+                           "devices", "hugetlb", "net_cls", "net_prio", "perf_event", "rdma", "misc"):
+                    v1[opt] = point
+    mount = "/sys/fs/cgroup" if "/sys/fs/cgroup" in v2_points else (v2_points[0] if v2_points else None)
+    return mount, v1
+
+
+def classify(mount: str | None, v1: dict[str, str], controllers: Iterable[str]) -> HierarchyInfo:
+    ctrl = tuple(sorted(controllers))
+    # blkio on v1 is the io controller of v2
+    v1_names = tuple(sorted({"io" if c == "blkio" else c for c in v1}))
+    v1_mounts = {("io" if c == "blkio" else c): p for c, p in v1.items()}
+    if mount is None:
+        kind = "legacy" if v1 else "none"
+    elif v1:
+        kind = "hybrid"
+    else:
+        kind = "unified"
+    return HierarchyInfo(kind=kind, cgroup2_mount=mount, controllers=ctrl,
+                         v1_controllers=v1_names, v1_mounts=v1_mounts)
+
+
+def detect_hierarchy(proc_mounts: str | Path = "/proc/self/mounts") -> HierarchyInfo:
+    text = Path(proc_mounts).read_text()
+    mount, v1 = parse_mounts(text)
+    controllers: list[str] = []
+    if mount is not None:
+        try:
+            controllers = Path(mount, "cgroup.controllers").read_text().split()
+        except OSError:
+            controllers = []
+    return classify(mount, v1, controllers)
+
+
+def parse_proc_cgroup(text: str) -> str | None:
+    """/proc/<pid>/cgroup text -> the cgroup v2 path ("0::/x/y" -> "/x/y")."""
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            return line[3:].strip() or "/"
+    return None
+
+
+def pid_cgroup(pid: int | str = "self") -> str | None:
+    try:
+        return parse_proc_cgroup(Path(f"/proc/{pid}/cgroup").read_text())
+    except OSError:
+        return None
+
+
+def mount_of(path: str | Path, proc_mounts: str | Path = "/proc/self/mounts") -> str | None:
+    """The cgroup2 mount point that contains `path`, or None."""
+    p = os.path.abspath(str(path))
+    best = None
+    for line in Path(proc_mounts).read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[2] == "cgroup2":
+            point = parts[1].rstrip("/") or "/"
+            if p == point or p.startswith(point + "/"):
+                if best is None or len(point) > len(best):
+                    best = point
+    return best
+
+
+# -- the subtree ---------------------------------------------------------------
+
+def _parse_flat_keyed(text: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            try:
+                out[parts[0]] = int(parts[1])
+            except ValueError:
+                pass
+    return out
+
+
+def _parse_io_stat(text: str) -> tuple[int, int]:
+    rbytes = wbytes = 0
+    for line in text.splitlines():
+        for item in line.split()[1:]:
+            key, _, value = item.partition("=")
+            if key == "rbytes":
+                rbytes += int(value)
+            elif key == "wbytes":
+                wbytes += int(value)
+    return rbytes, wbytes
+
+
+class CgroupFs:
+    """cgroup v2 operations below `root`. Relative paths name cgroups."""
+
+    def __init__(self, root: str | Path, logger: logging.Logger | None = None):
+        self.root = Path(root)
+        self.log = logger or log
+
+    def path(self, rel: str = "") -> Path:
+        if rel.startswith("/") or ".." in rel.split("/"):
+            raise ValueError(f"cgroup path: {rel!r} is not relative to the root")
+        return self.root / rel if rel else self.root
+
+    # -- reading --------------------------------------------------------
+    def read(self, rel: str, name: str) -> str | None:
+        """An interface file's text, or None when it (or the cgroup) is gone."""
+        try:
+            with open(self.path(rel) / name) as f:
+                return f.read()
+        except OSError as exc:
+            if _gone(exc):
+                return None
+            raise
+
+    def read_int(self, rel: str, name: str) -> int | None:
+        text = self.read(rel, name)
+        if text is None:
+            return None
+        text = text.strip()
+        if text == "max":
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            return None
+
+    def exists(self, rel: str = "") -> bool:
+        return self.path(rel).is_dir()
+
+    def children(self, rel: str = "") -> list[str]:
+        try:
+            return sorted(e.name for e in os.scandir(self.path(rel)) if e.is_dir(follow_symlinks=False))
+        except OSError as exc:
+            if _gone(exc):
+                return []
+            raise
+
+    def controllers(self, rel: str = "") -> set[str]:
+        return set((self.read(rel, "cgroup.controllers") or "").split())
+
+    def subtree_control(self, rel: str = "") -> set[str]:
+        return set((self.read(rel, "cgroup.subtree_control") or "").split())
+
+    def procs(self, rel: str) -> list[int]:
+        text = self.read(rel, "cgroup.procs")
+        return [int(x) for x in text.split()] if text else []
+
+    def events(self, rel: str) -> dict[str, int] | None:
+        text = self.read(rel, "cgroup.events")
+        return None if text is None else _parse_flat_keyed(text)
+
+    def populated(self, rel: str) -> bool | None:
+        """True/False, or None when the cgroup is gone."""
+        ev = self.events(rel)
+        if ev is None:
+            return None
+        return bool(ev.get("populated", 0))
+
+    def read_stats(self, rel: str) -> dict[str, Any]:
+        """Accounting of one cgroup, named as `CallStats` fields. Values a
+        kernel or controller set does not offer are None."""
+        stats: dict[str, Any] = {}
+        cpu = self.read(rel, "cpu.stat")
+        kv = _parse_flat_keyed(cpu) if cpu is not None else {}
+        stats["cpu_usage_usec"] = kv.get("usage_usec")
+        stats["cpu_user_usec"] = kv.get("user_usec")
+        stats["cpu_system_usec"] = kv.get("system_usec")
+        stats["cpu_nr_throttled"] = kv.get("nr_throttled")
+        stats["cpu_throttled_usec"] = kv.get("throttled_usec")
+        stats["memory_peak_bytes"] = self.read_int(rel, "memory.peak")
+        stats["memory_current_bytes"] = self.read_int(rel, "memory.current")
+        mev = self.read(rel, "memory.events")
+        stats["memory_events"] = _parse_flat_keyed(mev) if mev is not None else {}
+        stats["pids_peak"] = self.read_int(rel, "pids.peak")
+        pev = self.read(rel, "pids.events")
+        stats["pids_events_max"] = _parse_flat_keyed(pev).get("max") if pev is not None else None
+        io = self.read(rel, "io.stat")
+        if io is not None:
+            stats["io_read_bytes"], stats["io_write_bytes"] = _parse_io_stat(io)
+        else:
+            stats["io_read_bytes"] = stats["io_write_bytes"] = None
+        return stats
+
+    # -- writing --------------------------------------------------------
+    def _write(self, rel: str, name: str, value: str) -> None:
+        try:
+            with open(self.path(rel) / name, "w") as f:
+                f.write(value)
+        except OSError as exc:
+            if _gone(exc) and not self.exists(rel):
+                raise CgroupGone(rel) from None
+            raise
+
+    def write(self, rel: str, name: str, value: str, reason: str = "") -> tuple[str | None, str]:
+        """Write one interface file, logging old -> new and why."""
+        old = self.read(rel, name)
+        old_s = None if old is None else old.strip()
+        self._write(rel, name, value)
+        self.log.info("%s %s -> %s on %s%s", name, old_s if old_s is not None else "-", value,
+                      rel or ".", f" ({reason})" if reason else "")
+        return old_s, value
+
+    def apply_limits(self, rel: str, files: dict[str, str], reason: str = "") -> dict[str, list]:
+        """Write limit files. A file that does not exist (its controller is
+        not enabled here) is skipped and reported, not an error."""
+        applied: list[tuple[str, str | None, str]] = []
+        skipped: list[str] = []
+        for name, value in files.items():
+            if not (self.path(rel) / name).exists():
+                if not self.exists(rel):
+                    raise CgroupGone(rel)
+                skipped.append(name)
+                continue
+            old, new = self.write(rel, name, value, reason)
+            applied.append((name, old, new))
+        return {"applied": applied, "skipped": skipped}
+
+    def create(self, rel: str) -> Path:
+        p = self.path(rel)
+        try:
+            p.mkdir()
+        except FileExistsError:
+            pass
+        return p
+
+    def enable_controllers(self, rel: str, wanted: Iterable[str]) -> set[str]:
+        """Enable in `rel`'s cgroup.subtree_control each wanted controller its
+        cgroup.controllers offers. Returns the ones enabled now."""
+        offered = self.controllers(rel)
+        have = self.subtree_control(rel)
+        todo = [c for c in wanted if c in offered and c not in have]
+        if todo:
+            self.write(rel, "cgroup.subtree_control", " ".join(f"+{c}" for c in todo),
+                       "enable controllers for children")
+        return self.subtree_control(rel)
+
+    def enable_down_to_root(self, mount: str | Path, wanted: Iterable[str]) -> set[str]:
+        """Enable `wanted` in every cgroup from the cgroup2 `mount` down to
+        this root's parent, so that the root itself offers them."""
+        wanted = list(wanted)
+        mount = Path(mount)
+        try:
+            parts = self.root.relative_to(mount).parts
+        except ValueError:
+            raise ValueError(f"cgroup root {self.root} is not under the cgroup2 mount {mount}") from None
+        cur = mount
+        for part in parts:
+            parent = CgroupFs(cur, self.log)
+            try:
+                parent.enable_controllers("", wanted)
+            except OSError as exc:
+                self.log.warning("cannot enable %s in %s: %s", wanted, cur, exc)
+            cur = cur / part
+        return self.controllers("")
+
+    def place(self, rel: str, pid: int) -> None:
+        """Move `pid` into the cgroup. ProcessLookupError if the pid is gone."""
+        try:
+            self._write(rel, "cgroup.procs", str(pid))
+        except OSError as exc:
+            if exc.errno == errno.ESRCH:
+                raise ProcessLookupError(pid) from None
+            raise
+
+    def freeze(self, rel: str, reason: str = "") -> None:
+        self.write(rel, "cgroup.freeze", "1", reason)
+
+    def thaw(self, rel: str, reason: str = "") -> None:
+        self.write(rel, "cgroup.freeze", "0", reason)
+
+    def kill(self, rel: str, reason: str = "") -> int:
+        """Kill every process in the cgroup (cgroup.kill, or SIGKILL to each
+        listed pid on kernels without it). Returns how many were listed."""
+        pids = self.procs(rel)
+        if (self.path(rel) / "cgroup.kill").exists():
+            try:
+                self.write(rel, "cgroup.kill", "1", reason)
+            except CgroupGone:
+                return 0
+        else:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        return len(pids)
+
+    def wait_unpopulated(self, rel: str, timeout_s: float) -> bool:
+        """Poll cgroup.events until populated=0 (True) or timeout (False)."""
+        deadline = time.monotonic() + timeout_s
+        delay = 0.001
+        while True:
+            pop = self.populated(rel)
+            if not pop:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def remove(self, rel: str) -> bool:
+        """rmdir one cgroup. True when removed or already gone; False while busy."""
+        try:
+            os.rmdir(self.path(rel))
+            return True
+        except OSError as exc:
+            if _gone(exc):
+                return True
+            if exc.errno in (errno.EBUSY, errno.ENOTEMPTY):
+                return False
+            raise
+
+    def remove_tree(self, rel: str) -> bool:
+        """Remove a cgroup and its child cgroups, deepest first."""
+        ok = True
+        for child in self.children(rel):
+            ok = self.remove_tree(f"{rel}/{child}" if rel else child) and ok
+        return self.remove(rel) and ok
