@@ -36,11 +36,12 @@ E_FORBIDDEN = "forbidden"              # peer uid may not act on this session / 
 E_INVALID_INTENT = "invalid_intent"    # IntentError: names field and value
 E_OVER_GRANT = "over_grant"            # session intent above the owner's grant
 E_BAD_PID = "bad_pid"                  # pid gone, not the caller's, or not its child
+E_BUSY = "busy"                        # session still has running tool calls
 E_CGROUP = "cgroup_error"              # the kernel refused a cgroup operation
 E_INTERNAL = "internal"
 
 ERROR_CODES = (E_BAD_REQUEST, E_TOO_LARGE, E_VERSION, E_UNKNOWN_OP, E_NOT_FOUND, E_EXISTS,
-               E_FORBIDDEN, E_INVALID_INTENT, E_OVER_GRANT, E_BAD_PID, E_CGROUP, E_INTERNAL)
+               E_FORBIDDEN, E_INVALID_INTENT, E_OVER_GRANT, E_BAD_PID, E_BUSY, E_CGROUP, E_INTERNAL)
 
 
 class ProtocolError(Exception):

@@ -1,0 +1,341 @@
+"""agentcg client: talk to agentcgd over its Unix socket. Standard library only.
+
+    from agentcg.client import Client
+    client = Client()                                   # $AGENTCG_SOCKET or /run/agentcg/agentcg.sock
+    with client.session("agent-1", intent="memory=4G") as session:
+        with session.tool_call("pytest", intent="memory=1G,cpu=batch") as call:
+            result = call.run(["pytest", "-q", "tests/test_x.py"])
+        print(result.exit_status, result.stats["memory_peak_bytes"])
+        for item in result.feedback:
+            print(item["message"], item["suggestion"])
+
+Placement: the command starts as a tiny /bin/sh trampoline that blocks on a
+pipe; the daemon moves its pid into the tool call's cgroup; only then does
+the client write to the pipe and the trampoline exec()s the command, so the
+tool never runs an instruction outside its cgroup.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+from agentcg import protocol as p
+from agentcg.protocol import ProtocolError
+
+__all__ = ["Client", "Session", "ToolCall", "CallResult", "CallHandle", "ProtocolError",
+           "DaemonUnavailable", "default_socket_path"]
+
+# waits for a line on fd N, then closes it and execs the command (sh takes fds 0-9 only)
+_SH_TRAMPOLINE = 'read -r _ <&{fd} || exit 125; exec {fd}<&-; exec "$@"'
+_PY_TRAMPOLINE = ("import os,sys; fd=int(sys.argv[1]); b=os.read(fd,3); os.close(fd); "
+                  "b or sys.exit(125); os.execvp(sys.argv[2], sys.argv[2:])")
+RECONNECT_S = 30.0
+
+
+class DaemonUnavailable(ConnectionError):
+    """agentcgd is not running or its socket cannot be reached."""
+
+
+def default_socket_path() -> str:
+    return os.environ.get("AGENTCG_SOCKET") or p.DEFAULT_SOCKET
+
+
+def exit_status(returncode: int) -> int:
+    """subprocess returncode -> shell-style status (killed by signal n -> 128+n)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+@dataclass
+class CallResult:
+    exit_status: int
+    returncode: int
+    session: str
+    call: int
+    stats: dict[str, Any] = field(default_factory=dict)
+    limits: dict[str, Any] = field(default_factory=dict)
+    feedback: list[dict[str, Any]] = field(default_factory=list)
+    stdout: Any = None
+    stderr: Any = None
+    reply: dict[str, Any] = field(default_factory=dict)
+
+    def feedback_text(self) -> str:
+        return "\n".join(f"agentcg: {f['message']} {f.get('suggestion', '')}".rstrip() for f in self.feedback)
+
+
+class Client:
+    """One connection to agentcgd (opened on first use, reopened after a
+    daemon restart). Safe to share between threads."""
+
+    def __init__(self, socket_path: str | None = None, *, max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES,
+                 timeout_s: float | None = 60.0):
+        self.socket_path = socket_path or default_socket_path()
+        self.max_bytes = max_message_bytes
+        self.timeout_s = timeout_s
+        self._sock: socket.socket | None = None
+        self._reader: p.LineReader | None = None
+        self._ids = 0
+        self._lock = threading.Lock()
+
+    # -- transport -------------------------------------------------------
+    def _connect(self) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout_s)
+        try:
+            s.connect(self.socket_path)
+        except OSError as exc:
+            s.close()
+            raise DaemonUnavailable(f"cannot reach agentcgd at {self.socket_path}: {exc.strerror or exc}") from None
+        return s
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+            self._sock = None
+            self._reader = None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def request(self, op: str, *, retry_s: float = 0.0, **fields: Any) -> dict[str, Any]:
+        """Send one request and return its reply; raises ProtocolError on ok=false.
+        With retry_s > 0, a lost connection is re-established (the daemon may be
+        restarting) and the request sent again until retry_s have passed."""
+        deadline = time.monotonic() + retry_s
+        while True:
+            try:
+                return self._request_once(op, fields)
+            except (DaemonUnavailable, ConnectionError, BrokenPipeError, EOFError) as exc:
+                self.close()
+                if time.monotonic() >= deadline:
+                    if isinstance(exc, DaemonUnavailable):
+                        raise
+                    raise DaemonUnavailable(f"lost the connection to agentcgd: {exc}") from None
+                time.sleep(0.05)
+
+    def _request_once(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            if self._sock is None:
+                self._sock = self._connect()
+                self._reader = p.LineReader(self._sock, self.max_bytes)
+            self._ids += 1
+            rid = self._ids
+            self._sock.sendall(p.encode(p.request(rid, op, **fields), self.max_bytes))
+            while True:
+                line = self._reader.readline()
+                if line is None:
+                    raise EOFError("agentcgd closed the connection")
+                msg = p.decode(line)
+                if msg.get("id") in (rid, None):
+                    break
+        return p.raise_for_error(msg)
+
+    # -- API --------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return self.request("status")
+
+    def sessions(self) -> list[dict[str, Any]]:
+        return self.request("session.list")["sessions"]
+
+    def show(self, name: str) -> dict[str, Any]:
+        return self.request("session.show", name=name)["session"]
+
+    def session(self, name: str, intent: Any = None, *, uid: int | None = None, exist_ok: bool = False,
+                end_on_exit: bool = True) -> "Session":
+        """Create a session now; as a context manager it is ended on exit."""
+        fields: dict[str, Any] = {"name": name, "intent": _intent(intent), "exist_ok": exist_ok}
+        if uid is not None:
+            fields["uid"] = uid
+        reply = self.request("session.create", **fields)
+        return Session(self, name, reply["session"], end_on_exit=end_on_exit)
+
+    def get_session(self, name: str) -> "Session":
+        """A handle on an existing session (not ended on exit)."""
+        return Session(self, name, self.show(name), end_on_exit=False)
+
+    def events(self, follow: bool = False, session: str | None = None,
+               history: bool = True) -> Iterator[dict[str, Any]]:
+        """Events from the daemon's log (yours only, unless root); with follow,
+        new ones as they happen, until the iterator is closed."""
+        sock = self._connect()
+        sock.settimeout(None if follow else self.timeout_s)
+        try:
+            reader = p.LineReader(sock, self.max_bytes)
+            fields: dict[str, Any] = {"follow": follow, "history": history}
+            if session is not None:
+                fields["session"] = session
+            sock.sendall(p.encode(p.request(1, "events", **fields), self.max_bytes))
+            first = reader.readline()
+            if first is None:
+                raise DaemonUnavailable("agentcgd closed the connection")
+            p.raise_for_error(p.decode(first))
+            for msg in reader.messages():
+                if msg.get("end"):
+                    return
+                if "event" in msg:
+                    yield msg["event"]
+        finally:
+            sock.close()
+
+
+def _intent(intent: Any) -> Any:
+    if intent is None or isinstance(intent, (str, dict)):
+        return intent
+    to_dict = getattr(intent, "to_dict", None)
+    if to_dict is not None:
+        return to_dict()
+    raise TypeError(f"intent: {intent!r} is not a string, a dict or an Intent")
+
+
+class Session:
+    def __init__(self, client: Client, name: str, info: dict[str, Any], *, end_on_exit: bool):
+        self.client = client
+        self.name = name
+        self.info = info
+        self.end_on_exit = end_on_exit
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.end_on_exit:
+            self.end()
+
+    def end(self, force: bool = False) -> dict[str, Any]:
+        return self.client.request("session.end", name=self.name, force=force)
+
+    def show(self) -> dict[str, Any]:
+        return self.client.show(self.name)
+
+    def attach(self, pid: int | None = None) -> dict[str, Any]:
+        """Move a process of yours (default: this one) into the session's agent cgroup."""
+        return self.client.request("session.attach", name=self.name, pid=pid or os.getpid())
+
+    def tool_call(self, name: str = "", intent: Any = None) -> "ToolCall":
+        return ToolCall(self, name, intent)
+
+    def run(self, argv: Sequence[str], intent: Any = None, name: str = "", **popen_kwargs: Any) -> CallResult:
+        """Shortcut: one tool call running `argv`."""
+        return self.tool_call(name or os.path.basename(argv[0]), intent).run(argv, **popen_kwargs)
+
+
+class ToolCall:
+    """A tool call to be. `run()`/`popen()` start it; one command per ToolCall."""
+
+    def __init__(self, session: Session, name: str, intent: Any):
+        self.session = session
+        self.name = name
+        self.intent = intent
+        self.handle: CallHandle | None = None
+
+    def __enter__(self) -> "ToolCall":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.handle is not None and self.handle.result is None:
+            self.handle.kill()
+            self.handle.wait()
+
+    def popen(self, argv: Sequence[str], **popen_kwargs: Any) -> "CallHandle":
+        if self.handle is not None:
+            raise RuntimeError("this tool call already ran a command; open a new tool_call()")
+        argv = [os.fspath(a) for a in argv]
+        if not argv:
+            raise ValueError("argv: empty command")
+        env = popen_kwargs.get("env")
+        if "/" not in argv[0] and shutil.which(argv[0], path=(env or os.environ).get("PATH")) is None:
+            raise FileNotFoundError(2, "No such file or directory", argv[0])
+        client = self.session.client
+        r, w = os.pipe()
+        pass_fds = tuple(popen_kwargs.pop("pass_fds", ()))
+        try:
+            if r <= 9:
+                tramp = ["/bin/sh", "-c", _SH_TRAMPOLINE.format(fd=r), "agentcg-call", *argv]
+            else:
+                tramp = [sys.executable, "-S", "-c", _PY_TRAMPOLINE, str(r), *argv]
+            proc = subprocess.Popen(tramp, pass_fds=pass_fds + (r,), **popen_kwargs)
+        except BaseException:
+            os.close(r)
+            os.close(w)
+            raise
+        os.close(r)
+        try:
+            reply = client.request("call.start", session=self.session.name, name=self.name,
+                                   intent=_intent(self.intent), pid=proc.pid, argv=argv)
+        except BaseException:
+            os.close(w)  # the trampoline exits 125 without running the command
+            proc.wait()
+            raise
+        try:
+            os.write(w, b"go\n")
+        finally:
+            os.close(w)
+        self.handle = CallHandle(self, proc, reply)
+        return self.handle
+
+    def run(self, argv: Sequence[str], *, input: bytes | str | None = None, **popen_kwargs: Any) -> CallResult:
+        if input is not None:
+            popen_kwargs.setdefault("stdin", subprocess.PIPE)
+        h = self.popen(argv, **popen_kwargs)
+        return h.wait(input=input)
+
+
+class CallHandle:
+    """A running tool call: `.pid`, `.proc` (the subprocess.Popen), `.wait()`."""
+
+    def __init__(self, call: ToolCall, proc: subprocess.Popen, reply: dict[str, Any]):
+        self.call = call
+        self.proc = proc
+        self.pid = proc.pid
+        self.number: int = reply["call"]
+        self.cgroup: str = reply["cgroup"]
+        self.limits: dict[str, Any] = reply["limits"]
+        self.adjustments: list[dict[str, Any]] = reply.get("adjustments", [])
+        self.result: CallResult | None = None
+
+    @property
+    def stdin(self):
+        return self.proc.stdin
+
+    @property
+    def stdout(self):
+        return self.proc.stdout
+
+    @property
+    def stderr(self):
+        return self.proc.stderr
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+
+    def wait(self, input: bytes | str | None = None, timeout: float | None = None) -> CallResult:
+        """Wait for the command, then end the tool call; returns its result."""
+        if self.result is not None:
+            return self.result
+        if input is not None or self.proc.stdout is not None or self.proc.stderr is not None:
+            out, err = self.proc.communicate(input=input, timeout=timeout)
+        else:
+            self.proc.wait(timeout=timeout)
+            out = err = None
+        rc = self.proc.returncode
+        session = self.call.session
+        reply = session.client.request("call.end", retry_s=RECONNECT_S, session=session.name,
+                                       call=self.number, exit_status=exit_status(rc))
+        self.result = CallResult(exit_status=exit_status(rc), returncode=rc, session=session.name,
+                                 call=self.number, stats=reply.get("stats", {}), limits=reply.get("limits", {}),
+                                 feedback=reply.get("feedback", []), stdout=out, stderr=err, reply=reply)
+        return self.result

@@ -1,0 +1,281 @@
+"""agentcgd: the composition root, the socket server and the process lifecycle.
+
+    agentcgd [--config /etc/agentcg/agentcg.toml] [--cgroup-root DIR] [--runtime-dir DIR]
+             [--no-require-controllers] [--teardown]
+
+Start-up: load the config (the file is optional), check the cgroup hierarchy
+(refuse hybrid/v1 hosts unless daemon.require_controllers = false), choose
+the root (the delegated service cgroup under systemd, else
+daemon.cgroup_root), move itself into <root>/daemon, enable the controllers
+for the children, rebuild state from state.json + the tree, then listen on
+the Unix socket and tell systemd READY=1.
+
+SIGTERM/SIGINT: stop listening, write state, leave sessions and running tool
+calls alone (they are accounted by the next start) unless --teardown.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+from agentcg import protocol as p
+from agentcg.adapters.cgroupfs import (CgroupFs, detect_hierarchy, mount_of, pid_cgroup)
+from agentcg.core.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config_text
+
+from .hooks import Hooks
+from .service import Daemon, Peer
+
+try:  # sd_notify; a no-op outside systemd
+    from . import notify as _notify
+except ImportError:  # pragma: no cover
+    _notify = None
+
+log = logging.getLogger("agentcg.daemon")
+REQUIRED_CONTROLLERS = ("cpu", "memory", "pids")
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and how to fix it."""
+
+
+def build(config: Config, *, root: str | None = None, mount: str | None = None,
+          hierarchy: dict[str, Any] | None = None) -> Daemon:
+    """Construct the adapters, the hooks and the daemon. Extension hooks are
+    registered here: one `hooks.add(...)` line per hook (see daemon/hooks.py)."""
+    cgfs = CgroupFs(root or config.daemon.cgroup_root)
+    hooks = Hooks()
+    # -- extension hooks: add one line per hook below --------------------------
+    return Daemon(config, cgfs, hooks, mount=mount, hierarchy=hierarchy)
+
+
+def choose_root(config: Config, environ: dict[str, str], own_cgroup: str | None,
+                mount: str) -> tuple[str, bool]:
+    """(cgroup root, under_systemd). Under systemd with Delegate=yes the
+    service's own cgroup is the root."""
+    if config.daemon.use_systemd_cgroup and environ.get("INVOCATION_ID") and own_cgroup:
+        path = own_cgroup
+        if path.endswith("/daemon"):
+            path = path[: -len("/daemon")]
+        if path.endswith(".service"):
+            return mount.rstrip("/") + path, True
+    return config.daemon.cgroup_root, False
+
+
+def prepare(config: Config, environ: dict[str, str] | None = None) -> Daemon:
+    environ = dict(os.environ if environ is None else environ)
+    info = detect_hierarchy()
+    cfg = config.daemon
+    needed = [c for c in REQUIRED_CONTROLLERS if c in cfg.controllers]
+    refusal = info.refusal(needed)
+    if refusal and cfg.require_controllers:
+        raise StartupError(refusal)
+    if info.cgroup2_mount is None:
+        raise StartupError(refusal or "no cgroup2 mount")
+    root, systemd = choose_root(config, environ, pid_cgroup("self"), info.cgroup2_mount)
+    mount = mount_of(root) if Path(root).parent.exists() else None
+    if mount is None:
+        raise StartupError(f"daemon.cgroup_root: {root!r} is not inside a cgroup2 mount "
+                           f"(cgroup2 is at {info.cgroup2_mount})")
+    if refusal:
+        log.warning("running without enforcement: %s", refusal.split(". Fix:")[0])
+    daemon = build(config, root=root, mount=mount, hierarchy=info.to_dict())
+    cgfs = daemon.cgfs
+    cgfs.create("")
+    if not systemd:
+        cgfs.enable_down_to_root(mount, cfg.controllers)
+    cgfs.create("daemon")
+    cgfs.place("daemon", os.getpid())
+    try:
+        daemon.enabled_controllers = cgfs.enable_controllers("", cfg.controllers)
+    except OSError as exc:
+        log.warning("cannot enable controllers %s in %s: %s", cfg.controllers, root, exc)
+        daemon.enabled_controllers = cgfs.subtree_control("")
+    missing = [c for c in needed if c not in daemon.enabled_controllers]
+    if missing and cfg.require_controllers:
+        raise StartupError(f"cannot enable controllers {missing} in {root}: is the cgroup delegated "
+                           "(Delegate=yes) and are they enabled in its parent?")
+    Path(cfg.runtime_dir).mkdir(parents=True, exist_ok=True)
+    daemon.restore()
+    log.info("cgroup root %s (%s), controllers %s", root, "systemd delegation" if systemd else "configured",
+             " ".join(sorted(daemon.enabled_controllers)) or "none")
+    return daemon
+
+
+def _peer(writer: asyncio.StreamWriter, conn: int) -> Peer:
+    sock = writer.get_extra_info("socket")
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                        struct.calcsize("3i")))
+    return Peer(pid=pid, uid=uid, gid=gid, conn=conn)
+
+
+class Server:
+    def __init__(self, daemon: Daemon):
+        self.daemon = daemon
+        self.max_bytes = daemon.cfg.max_message_bytes
+        self._conns = itertools.count(1)
+
+    async def _send(self, writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
+        try:
+            data = p.encode(msg, self.max_bytes)
+        except p.MessageTooLarge:
+            data = p.encode(p.error_reply(msg.get("id"), p.E_TOO_LARGE,
+                                          f"reply longer than {self.max_bytes} bytes"), self.max_bytes)
+        writer.write(data)
+        await writer.drain()
+
+    async def client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = next(self._conns)
+        try:
+            peer = _peer(writer, conn)
+        except OSError:
+            writer.close()
+            return
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    await self._send(writer, p.error_reply(None, p.E_TOO_LARGE,
+                                                           f"message longer than {self.max_bytes} bytes"))
+                    break
+                if not line:
+                    break
+                rid = None
+                try:
+                    msg = p.decode(line)
+                    rid, op = p.check_request(msg)
+                    if op == "events":
+                        await self._send(writer, p.ok_reply(rid, stream=True))
+                        async for ev in self.daemon.stream_events(msg, peer):
+                            await self._send(writer, p.event_message(rid, ev))
+                        await self._send(writer, p.end_message(rid))
+                        continue
+                    reply = await self.daemon.handle(msg, peer)
+                except p.ProtocolError as exc:
+                    reply = p.error_reply(rid, exc.code, exc.message)
+                except Exception as exc:  # a bug must not kill the daemon
+                    log.exception("request failed")
+                    reply = p.error_reply(rid, p.E_INTERNAL, f"{type(exc).__name__}: {exc}")
+                await self._send(writer, reply)
+        except (ConnectionError, BrokenPipeError):
+            pass
+        finally:
+            self.daemon.connection_closed(conn)
+            try:
+                writer.close()
+            except Exception:
+                pass
+
+
+async def serve(daemon: Daemon, *, teardown: bool = False, stop: asyncio.Event | None = None) -> None:
+    cfg = daemon.cfg
+    path = cfg.socket
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    server = Server(daemon)
+    srv = await asyncio.start_unix_server(server.client, path=path, limit=cfg.max_message_bytes)
+    os.chmod(path, cfg.socket_mode)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    tasks = [asyncio.create_task(daemon.watch())]
+    for hook in daemon.hooks.runners():
+        tasks.append(asyncio.create_task(hook.run(daemon)))
+    if _notify is not None:
+        _notify.ready(f"serving on {path}")
+        wd = _notify.watchdog_interval_s()
+        if wd:
+            async def _watchdog() -> None:
+                while True:
+                    _notify.watchdog()
+                    await asyncio.sleep(wd / 2)
+            tasks.append(asyncio.create_task(_watchdog()))
+    log.info("listening on %s", path)
+    await stop.wait()
+    if _notify is not None:
+        _notify.stopping("stopping")
+    srv.close()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if teardown:
+        await daemon.teardown()
+    daemon.save()
+    daemon.hooks.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    log.info("stopped (%s)", "tree torn down" if teardown else "sessions and tool calls left running")
+
+
+def load_config(path: str) -> Config:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        text = None
+    return load_config_text(path, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="agentcgd",
+        description="agentcg daemon: one cgroup v2 per agent session and per tool call, "
+                    "limits from declared intents, stats and plain-words feedback.")
+    ap.add_argument("--config", default=os.environ.get("AGENTCG_CONFIG", DEFAULT_CONFIG_PATH),
+                    help="TOML config file (optional; default %(default)s)")
+    ap.add_argument("--cgroup-root", help="override daemon.cgroup_root")
+    ap.add_argument("--runtime-dir", help="override daemon.runtime_dir (socket, state, events)")
+    ap.add_argument("--no-require-controllers", action="store_true",
+                    help="start on a cgroup2 tree without memory/cpu/pids controllers (testing)")
+    ap.add_argument("--teardown", action="store_true",
+                    help="on stop, kill all tool calls and remove the cgroup tree")
+    ap.add_argument("--log-level", default=None, help="debug, info, warning, error")
+    args = ap.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"agentcgd: bad config: {exc}", file=sys.stderr)
+        return 2
+    import dataclasses
+    over: dict[str, Any] = {}
+    if args.cgroup_root:
+        over["cgroup_root"] = args.cgroup_root
+    if args.runtime_dir:
+        over["runtime_dir"] = args.runtime_dir
+    if args.no_require_controllers:
+        over["require_controllers"] = False
+    if over:
+        config = dataclasses.replace(config, daemon=dataclasses.replace(config.daemon, **over))
+    logging.basicConfig(level=(args.log_level or config.daemon.log_level).upper(),
+                        format="agentcgd %(levelname)s %(name)s: %(message)s")
+    try:
+        daemon = prepare(config)
+    except StartupError as exc:
+        print(f"agentcgd: refusing to start: {exc}", file=sys.stderr)
+        return 3
+    except OSError as exc:
+        print(f"agentcgd: cannot set up the cgroup tree: {exc}", file=sys.stderr)
+        return 3
+    asyncio.run(serve(daemon, teardown=args.teardown))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

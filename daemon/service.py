@@ -1,0 +1,488 @@
+"""The daemon's request handlers, accounting and restore.
+
+`Daemon` holds the sessions and calls, answers protocol requests for one peer
+(`Peer`: pid, uid, gid from SO_PEERCRED), writes the cgroup tree through the
+cgroupfs adapter, and finalises tool calls: stats, stragglers, feedback,
+event log. The socket server lives in daemon/app.py.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from agentcg import protocol as p
+from agentcg.adapters.cgroupfs import CgroupFs, CgroupGone, pid_cgroup
+from agentcg.core.config import Config
+from agentcg.core.feedback import feedback
+from agentcg.core.intents import (BudgetError, Intent, IntentError, call_limits,
+                                  session_limits, with_grant_priority)
+from agentcg.core.model import CallStats, Limits
+
+from .hooks import Hooks
+from .state import CallRecord, SessionRecord, load_state, save_state
+
+log = logging.getLogger("agentcg.daemon")
+
+SESSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+CALL_DIR_RE = re.compile(r"^c-(\d+)$")
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+    conn: int = 0
+
+    @property
+    def root(self) -> bool:
+        return self.uid == 0
+
+
+def proc_status(pid: int) -> dict[str, str] | None:
+    """/proc/<pid>/status as a dict, or None if the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    out = {}
+    for line in text.splitlines():
+        k, _, v = line.partition(":")
+        out[k] = v.strip()
+    return out
+
+
+def check_pid(pid: Any, peer: Peer, *, child_only: bool, own_pid: int) -> None:
+    """The pid rule: a non-root caller may only place its own processes
+    (real and effective uid equal to the caller's), and for a tool call only
+    itself or its direct child. Root may place any process but the daemon."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        raise p.ProtocolError(p.E_BAD_REQUEST, f"pid: {pid!r} is not a process id")
+    if pid == own_pid:
+        raise p.ProtocolError(p.E_BAD_PID, f"pid: {pid} is the daemon itself")
+    st = proc_status(pid)
+    if st is None:
+        raise p.ProtocolError(p.E_BAD_PID, f"pid: {pid} does not exist")
+    if peer.root:
+        return
+    uids = st.get("Uid", "").split()
+    if len(uids) < 2 or int(uids[0]) != peer.uid or int(uids[1]) != peer.uid:
+        raise p.ProtocolError(p.E_BAD_PID, f"pid: {pid} does not belong to uid {peer.uid}")
+    if child_only and pid != peer.pid and int(st.get("PPid", "-1")) != peer.pid:
+        raise p.ProtocolError(p.E_BAD_PID,
+                              f"pid: {pid} is neither the caller ({peer.pid}) nor its child")
+
+
+class Daemon:
+    def __init__(self, config: Config, cgfs: CgroupFs, hooks: Hooks, *, mount: str | None = None,
+                 hierarchy: dict[str, Any] | None = None):
+        self.config = config
+        self.cfg = config.daemon
+        self.cgfs = cgfs
+        self.hooks = hooks
+        self.mount = mount
+        self.hierarchy = hierarchy or {}
+        self.sessions: dict[str, SessionRecord] = {}
+        self.finished: dict[tuple[str, int], dict[str, Any]] = {}
+        self.subscribers: list[tuple[Peer, asyncio.Queue]] = []
+        self.started_time = time.time()
+        self.own_pid = os.getpid()
+        self.enabled_controllers: set[str] = set()
+        self._finalising: set[tuple[str, int]] = set()
+        self.lingering: set[str] = set()        # kept call cgroups waiting for their stragglers
+
+    # -- persistence & events ----------------------------------------------
+    def save(self) -> None:
+        try:
+            save_state(self.cfg.state_file, str(self.cgfs.root), self.sessions)
+        except OSError as exc:
+            log.error("cannot write state file %s: %s", self.cfg.state_file, exc)
+
+    def emit(self, event: dict[str, Any]) -> None:
+        event = {"time": time.time(), **event}
+        try:
+            with open(self.cfg.event_log_file, "a") as f:
+                f.write(json.dumps(event, separators=(",", ":")) + "\n")
+        except OSError as exc:
+            log.error("cannot append to event log %s: %s", self.cfg.event_log_file, exc)
+        for peer, q in list(self.subscribers):
+            if self._may_see(peer, event):
+                q.put_nowait(event)
+
+    @staticmethod
+    def _may_see(peer: Peer, event: dict[str, Any]) -> bool:
+        return peer.root or event.get("uid") == peer.uid
+
+    # -- lookups ---------------------------------------------------------------
+    def find_session(self, name: str) -> SessionRecord | None:
+        return self.sessions.get(name)
+
+    def get_session(self, name: Any, peer: Peer) -> SessionRecord:
+        if not isinstance(name, str):
+            raise p.ProtocolError(p.E_BAD_REQUEST, f"session: {name!r} is not a session name")
+        s = self.sessions.get(name)
+        if s is None:
+            raise p.ProtocolError(p.E_NOT_FOUND, f"session: {name!r} does not exist")
+        if not peer.root and s.uid != peer.uid:
+            raise p.ProtocolError(p.E_FORBIDDEN, f"session: {name!r} belongs to another user")
+        return s
+
+    # -- restore ---------------------------------------------------------------
+    def restore(self) -> dict[str, int]:
+        """Rebuild from the state file and the cgroup tree after a restart."""
+        _root, saved = load_state(self.cfg.state_file)
+        counts = {"sessions": 0, "calls": 0, "adopted": 0, "lost": 0}
+        on_disk = [d[2:] for d in self.cgfs.children() if d.startswith("s-")]
+        now_ns = time.monotonic_ns()
+        for name in on_disk:
+            s = saved.get(name)
+            if s is None:
+                log.warning("adopting session cgroup s-%s found without state (owner: root)", name)
+                s = SessionRecord(name=name, uid=0, intent=Intent(), limits=Limits(),
+                                  created_time=time.time())
+                counts["adopted"] += 1
+            dirs = {}
+            for d in self.cgfs.children(s.rel):
+                m = CALL_DIR_RE.match(d)
+                if m:
+                    dirs[int(m.group(1))] = d
+            for n in list(s.calls):
+                if n not in dirs:
+                    lost = s.calls.pop(n)
+                    counts["lost"] += 1
+                    self.emit({"type": "call.lost", "uid": lost.uid, "session": name, "call": n,
+                               "name": lost.name, "reason": "cgroup vanished while the daemon was down"})
+            for n in dirs:
+                if n not in s.calls:
+                    s.calls[n] = CallRecord(session=name, n=n, name="(adopted)", uid=s.uid, pid=0,
+                                            intent=Intent(), limits=Limits(), start_ns=now_ns,
+                                            start_time=time.time())
+                    counts["adopted"] += 1
+                s.calls[n].conn = None  # its client's connection died with the old daemon
+                counts["calls"] += 1
+            s.next_call = max([s.next_call] + [n + 1 for n in dirs])
+            self.sessions[name] = s
+            counts["sessions"] += 1
+        for name in saved:
+            if name not in self.sessions:
+                log.warning("session %s in the state file has no cgroup any more; dropped", name)
+        self.save()
+        log.info("restored %(sessions)d sessions, %(calls)d running calls "
+                 "(%(adopted)d adopted, %(lost)d lost)", counts)
+        return counts
+
+    # -- dispatch ----------------------------------------------------------------
+    async def handle(self, msg: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        rid, op = p.check_request(msg)
+        fn = getattr(self, "op_" + op.replace(".", "_"))
+        try:
+            result = fn(msg, peer)
+            if asyncio.iscoroutine(result):
+                result = await result
+        except IntentError as exc:
+            raise p.ProtocolError(p.E_INVALID_INTENT, str(exc)) from None
+        except BudgetError as exc:
+            raise p.ProtocolError(p.E_OVER_GRANT, str(exc)) from None
+        except CgroupGone as exc:
+            raise p.ProtocolError(p.E_NOT_FOUND, f"cgroup {exc} is gone") from None
+        return p.ok_reply(rid, **result)
+
+    # -- ops ---------------------------------------------------------------------
+    def op_status(self, msg: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        mine = [s for s in self.sessions.values() if peer.root or s.uid == peer.uid]
+        return {"daemon": {"pid": self.own_pid, "version": 1, "cgroup_root": str(self.cgfs.root),
+                           "uptime_s": round(time.time() - self.started_time, 3),
+                           "controllers": sorted(self.enabled_controllers),
+                           "hierarchy": self.hierarchy,
+                           "straggler_policy": self.cfg.straggler_policy},
+                "sessions": len(mine),
+                "running_calls": sum(len(s.calls) for s in mine),
+                "hooks": self.hooks.status()}
+
+    def _session_view(self, s: SessionRecord) -> dict[str, Any]:
+        return {"name": s.name, "uid": s.uid, "intent": s.intent.to_dict(), "limits": s.limits.to_dict(),
+                "cgroup": str(self.cgfs.path(s.rel)), "created_time": s.created_time,
+                "running_calls": len(s.calls), "calls_done": s.calls_done,
+                "agent_pids": self.cgfs.procs(f"{s.rel}/agent")}
+
+    def op_session_create(self, msg: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        name = msg.get("name")
+        if not isinstance(name, str) or not SESSION_NAME_RE.match(name):
+            raise p.ProtocolError(p.E_BAD_REQUEST,
+                                  f"name: {name!r} is not a session name ([A-Za-z0-9][A-Za-z0-9_.-]{{0,62}})")
+        owner = msg.get("uid", peer.uid)
+        if isinstance(owner, bool) or not isinstance(owner, int) or owner < 0:
+            raise p.ProtocolError(p.E_BAD_REQUEST, f"uid: {owner!r} is not a uid")
+        if owner != peer.uid and not peer.root:
+            raise p.ProtocolError(p.E_FORBIDDEN, f"uid: only root may create a session for uid {owner}")
+        if name in self.sessions:
+            if msg.get("exist_ok") and (peer.root or self.sessions[name].uid == peer.uid):
+                return {"session": self._session_view(self.sessions[name]), "existed": True}
+            raise p.ProtocolError(p.E_EXISTS, f"name: session {name!r} exists")
+        grant = self.config.grant_for(owner)
+        if grant.max_sessions is not None and \
+                sum(1 for s in self.sessions.values() if s.uid == owner) >= grant.max_sessions:
+            raise p.ProtocolError(p.E_OVER_GRANT, f"max_sessions: uid {owner} already has "
+                                                  f"{grant.max_sessions} sessions")
+        intent = with_grant_priority(Intent.parse(msg.get("intent")).over(self.config.session_defaults), grant)
+        limits = session_limits(intent, grant, owner)
+        s = SessionRecord(name=name, uid=owner, intent=intent, limits=limits, created_time=time.time())
+        self.cgfs.create(s.rel)
+        try:
+            self.cgfs.enable_controllers(s.rel, self.enabled_controllers)
+            res = self.cgfs.apply_limits(s.rel, limits.files(), f"session {name} intent {intent.describe()}")
+            self.cgfs.create(f"{s.rel}/agent")
+        except OSError as exc:
+            self.cgfs.remove_tree(s.rel)
+            raise p.ProtocolError(p.E_CGROUP, f"cannot set up {s.rel}: {exc}") from None
+        self.sessions[name] = s
+        self.save()
+        self.hooks.session_create(s, self.cgfs.path(s.rel))
+        self.emit({"type": "session.create", "uid": owner, "session": name, "by_uid": peer.uid,
+                   "intent": intent.to_dict(), "limits": limits.to_dict()})
+        return {"session": self._session_view(s), "skipped_files": res["skipped"]}
+
+    def op_session_list(self, msg: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        return {"sessions": [self._session_view(s) for s in self.sessions.values()
+                             if peer.root or s.uid == peer.uid]}
+
+    def op_session_show(self, msg: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        s = self.get_session(msg.get("name"), peer)
+        view = self._session_view(s)
+        view["calls"] = [{"call": c.n, "name": c.name, "pid": c.pid, "limits": c.limits.to_dict(),
+                          "running_s": round((time.monotonic_ns() - c.start_ns) / 1e9, 3),
+                          "stats": self.cgfs.read_stats(c.rel)} for c in s.calls.values()]
+        view["recent"] = [r for (sn, _n), r in self.finished.items() if sn == s.name][-20:]
+        return {"session": view}
+
+    def op_session_attach(self, msg: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        s = self.get_session(msg.get("name"), peer)
+        pid = msg.get("pid")
+        check_pid(pid, peer, child_only=False, own_pid=self.own_pid)
+        origin = pid_cgroup(pid) or "/"
+        try:
+            self.cgfs.place(f"{s.rel}/agent", pid)
+        except ProcessLookupError:
+            raise p.ProtocolError(p.E_BAD_PID, f"pid: {pid} exited") from None
+        s.attached[pid] = origin
+        self.save()
+        self.emit({"type": "session.attach", "uid": s.uid, "session": s.name, "pid": pid})
+        return {"cgroup": str(self.cgfs.path(f"{s.rel}/agent"))}
+
+    async def op_session_end(self, msg: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        s = self.get_session(msg.get("name"), peer)
+        if s.calls and not msg.get("force"):
+            raise p.ProtocolError(p.E_BUSY, f"session {s.name!r} has {len(s.calls)} running tool calls; "
+                                            "end them first or pass force=true to kill them")
+        ended = []
+        for c in list(s.calls.values()):
+            ended.append(await self.finalise(s, c, exit_status=None, reason="session ended",
+                                             force_kill=True))
+        # the agent's own processes go back where they came from
+        moved = 0
+        if self.mount:
+            for pid in self.cgfs.procs(f"{s.rel}/agent"):
+                origin = s.attached.get(pid, "/")
+                target = Path(self.mount + origin) if origin != "/" else Path(self.mount)
+                if not target.is_dir():
+                    target = Path(self.mount)
+                try:
+                    (target / "cgroup.procs").write_text(str(pid))
+                    moved += 1
+                except OSError as exc:
+                    log.warning("cannot move agent pid %d back to %s: %s", pid, target, exc)
+        self.hooks.session_end(s, self.cgfs.path(s.rel))
+        removed = self.cgfs.remove_tree(s.rel)
+        del self.sessions[s.name]
+        self.save()
+        self.emit({"type": "session.end", "uid": s.uid, "session": s.name, "by_uid": peer.uid,
+                   "calls_done": s.calls_done, "removed": removed})
+        return {"session": s.name, "removed": removed, "calls_ended": len(ended), "agent_pids_moved": moved}
+
+    def op_call_start(self, msg: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        s = self.get_session(msg.get("session"), peer)
+        pid = msg.get("pid")
+        check_pid(pid, peer, child_only=True, own_pid=self.own_pid)
+        name = msg.get("name") or ""
+        argv = msg.get("argv") or []
+        if not isinstance(name, str) or not isinstance(argv, list):
+            raise p.ProtocolError(p.E_BAD_REQUEST, "name/argv: not a string / list of strings")
+        intent = Intent.parse(msg.get("intent")).over(self.config.call_defaults)
+        limits, adjustments = call_limits(intent, s.limits)
+        n = s.next_call
+        s.next_call += 1
+        c = CallRecord(session=s.name, n=n, name=name, uid=s.uid, pid=pid, intent=intent, limits=limits,
+                       start_ns=time.monotonic_ns(), start_time=time.time(),
+                       argv=[str(a) for a in argv][:64], conn=peer.conn)
+        self.cgfs.create(c.rel)
+        try:
+            res = self.cgfs.apply_limits(c.rel, limits.files(),
+                                         f"call {name or n} intent {intent.describe() or '(defaults)'}")
+            self.cgfs.place(c.rel, pid)
+        except ProcessLookupError:
+            self.cgfs.remove(c.rel)
+            raise p.ProtocolError(p.E_BAD_PID, f"pid: {pid} exited before it was placed") from None
+        except OSError as exc:
+            self.cgfs.remove(c.rel)
+            raise p.ProtocolError(p.E_CGROUP, f"cannot set up {c.rel}: {exc}") from None
+        s.calls[n] = c
+        self.save()
+        self.hooks.call_start(s, c, self.cgfs.path(c.rel))
+        self.emit({"type": "call.start", "uid": s.uid, "session": s.name, "call": n, "name": name,
+                   "pid": pid, "intent": intent.to_dict(), "limits": limits.to_dict()})
+        return {"call": n, "cgroup": str(self.cgfs.path(c.rel)), "limits": limits.to_dict(),
+                "adjustments": [a.to_dict() for a in adjustments], "skipped_files": res["skipped"]}
+
+    async def op_call_end(self, msg: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        name = msg.get("session")
+        n = msg.get("call")
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise p.ProtocolError(p.E_BAD_REQUEST, f"call: {n!r} is not a call number")
+        done = self.finished.get((name, n))
+        s = self.sessions.get(name) if isinstance(name, str) else None
+        if done is not None and (s is None or n not in s.calls):
+            if not peer.root and done.get("uid") != peer.uid:
+                raise p.ProtocolError(p.E_FORBIDDEN, f"session: {name!r} belongs to another user")
+            return done
+        s = self.get_session(name, peer)
+        c = s.calls.get(n)
+        if c is None:
+            raise p.ProtocolError(p.E_NOT_FOUND, f"call: {n} is not running in session {name!r}")
+        exit_status = msg.get("exit_status")
+        return await self.finalise(s, c, exit_status=exit_status if isinstance(exit_status, int) else None,
+                                   reason="ended by client")
+
+    async def op_events(self, msg: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        raise AssertionError("events is streamed by the server")  # pragma: no cover
+
+    async def stream_events(self, msg: dict[str, Any], peer: Peer) -> AsyncIterator[dict[str, Any]]:
+        """Past events from the log (the caller's only, unless root), then new ones if follow."""
+        session = msg.get("session")
+        q: asyncio.Queue | None = None
+        if msg.get("follow"):
+            q = asyncio.Queue()
+            self.subscribers.append((peer, q))
+        try:
+            if msg.get("history", True):
+                try:
+                    with open(self.cfg.event_log_file) as f:
+                        for line in f:
+                            try:
+                                ev = json.loads(line)
+                            except ValueError:
+                                continue
+                            if self._may_see(peer, ev) and (session is None or ev.get("session") == session):
+                                yield ev
+                except FileNotFoundError:
+                    pass
+            if q is not None:
+                while True:
+                    ev = await q.get()
+                    if session is None or ev.get("session") == session:
+                        yield ev
+        finally:
+            if q is not None:
+                self.subscribers = [(pp, qq) for pp, qq in self.subscribers if qq is not q]
+
+    # -- the end of a call -------------------------------------------------------------
+    async def finalise(self, s: SessionRecord, c: CallRecord, *, exit_status: int | None,
+                       reason: str, force_kill: bool = False) -> dict[str, Any]:
+        key = (s.name, c.n)
+        while key in self._finalising:          # a concurrent finalise of the same call
+            await asyncio.sleep(0.01)
+            if key in self.finished:
+                return self.finished[key]
+        self._finalising.add(key)
+        try:
+            return await self._finalise(s, c, exit_status=exit_status, reason=reason, force_kill=force_kill)
+        finally:
+            self._finalising.discard(key)
+
+    async def _finalise(self, s: SessionRecord, c: CallRecord, *, exit_status: int | None,
+                        reason: str, force_kill: bool) -> dict[str, Any]:
+        rel = c.rel
+        stragglers = 0
+        action = None
+        policy = "kill" if force_kill else self.cfg.straggler_policy
+        if self.cgfs.populated(rel):
+            if policy == "kill" and not force_kill:
+                deadline = time.monotonic() + self.cfg.straggler_grace_ms / 1000
+                while self.cgfs.populated(rel) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+            left = self.cgfs.procs(rel)
+            if left:
+                stragglers = len(left)
+                if policy == "kill":
+                    self.cgfs.kill(rel, f"call {c.n} ended ({reason}): {stragglers} stragglers")
+                    action = "killed"
+                    deadline = time.monotonic() + 5.0
+                    while self.cgfs.populated(rel) and time.monotonic() < deadline:
+                        await asyncio.sleep(0.005)
+                else:
+                    action = "kept"
+        raw = self.cgfs.read_stats(rel)
+        wall_ns = time.monotonic_ns() - c.start_ns
+        extra = self.hooks.call_end(s, c, self.cgfs.path(rel))
+        stats = CallStats(wall_ns=wall_ns, stragglers=stragglers, stragglers_action=action, extra=extra,
+                          **{k: v for k, v in raw.items() if k in CallStats.__dataclass_fields__})
+        items = feedback(stats, c.limits, argv=c.argv, duration_ns=c.intent.duration_ns)
+        removed = self.cgfs.remove(rel) if action != "kept" else False
+        if action == "kept":
+            log.info("call %s kept with %d processes; removed when they exit", rel, stragglers)
+        s.calls.pop(c.n, None)
+        s.calls_done += 1
+        self.save()
+        result = {"session": s.name, "call": c.n, "name": c.name, "uid": c.uid, "exit_status": exit_status,
+                  "stats": stats.to_dict(), "limits": c.limits.to_dict(),
+                  "feedback": [f.to_dict() for f in items], "cgroup_removed": removed, "reason": reason}
+        self.finished[(s.name, c.n)] = result
+        while len(self.finished) > self.cfg.finished_keep:
+            self.finished.pop(next(iter(self.finished)))
+        if action == "kept":
+            self.lingering.add(rel)
+        self.emit({"type": "call.end", **result})
+        return result
+
+    # -- background watch --------------------------------------------------------------
+    def connection_closed(self, conn: int) -> None:
+        for s in self.sessions.values():
+            for c in s.calls.values():
+                if c.conn == conn:
+                    c.conn = None
+
+    async def watch(self) -> None:
+        """Finalise calls whose client is gone once their processes are gone,
+        and remove kept cgroups once their stragglers exit."""
+        interval = max(0.05, self.cfg.watch_interval_ms / 1000)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                for s in list(self.sessions.values()):
+                    for c in list(s.calls.values()):
+                        if c.conn is None and not self.cgfs.populated(c.rel):
+                            await self.finalise(s, c, exit_status=None,
+                                                reason="processes exited; client gone")
+                for rel in list(self.lingering):
+                    if not self.cgfs.populated(rel) and self.cgfs.remove(rel):
+                        self.lingering.discard(rel)
+            except Exception:
+                log.exception("watch pass failed")
+
+    async def teardown(self) -> None:
+        """Kill every tool call and remove the whole tree (agentcgd --teardown)."""
+        for s in list(self.sessions.values()):
+            for c in list(s.calls.values()):
+                await self.finalise(s, c, exit_status=None, reason="daemon teardown", force_kill=True)
+            if self.cgfs.populated(s.rel):
+                self.cgfs.kill(s.rel, "daemon teardown")
+                self.cgfs.wait_unpopulated(s.rel, 5.0)
+            self.cgfs.remove_tree(s.rel)
+            del self.sessions[s.name]
+        self.save()

@@ -1,0 +1,112 @@
+"""The daemon's records of sessions and tool calls, and the state file.
+
+The state file (`/run/agentcg/state.json`) is rewritten atomically (write a
+temporary file, fsync-free rename: /run is tmpfs) after every change. With
+the cgroup tree it is what a restarted daemon rebuilds from.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agentcg.core.intents import Intent
+from agentcg.core.model import Limits
+
+STATE_VERSION = 1
+
+
+@dataclass
+class CallRecord:
+    session: str
+    n: int
+    name: str
+    uid: int
+    pid: int
+    intent: Intent
+    limits: Limits
+    start_ns: int            # CLOCK_MONOTONIC, shared by all processes of this boot
+    start_time: float        # wall clock, for people
+    argv: list[str] = field(default_factory=list)
+    conn: int | None = None  # id of the connection that started it; None = orphan
+
+    @property
+    def rel(self) -> str:
+        return f"s-{self.session}/c-{self.n}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"session": self.session, "n": self.n, "name": self.name, "uid": self.uid,
+                "pid": self.pid, "intent": self.intent.to_dict(), "limits": self.limits.to_dict(),
+                "start_ns": self.start_ns, "start_time": self.start_time, "argv": self.argv}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CallRecord":
+        return cls(session=d["session"], n=int(d["n"]), name=d.get("name", ""), uid=int(d["uid"]),
+                   pid=int(d.get("pid", 0)), intent=Intent.parse(d.get("intent") or {}),
+                   limits=Limits.from_dict(d.get("limits") or {}), start_ns=int(d["start_ns"]),
+                   start_time=float(d.get("start_time", 0.0)), argv=list(d.get("argv") or []))
+
+
+@dataclass
+class SessionRecord:
+    name: str
+    uid: int
+    intent: Intent
+    limits: Limits
+    created_time: float
+    next_call: int = 1
+    calls: dict[int, CallRecord] = field(default_factory=dict)
+    attached: dict[int, str] = field(default_factory=dict)  # pid -> cgroup it came from
+    calls_done: int = 0
+
+    @property
+    def rel(self) -> str:
+        return f"s-{self.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "uid": self.uid, "intent": self.intent.to_dict(),
+                "limits": self.limits.to_dict(), "created_time": self.created_time,
+                "next_call": self.next_call, "calls_done": self.calls_done,
+                "attached": {str(k): v for k, v in self.attached.items()},
+                "calls": {str(n): c.to_dict() for n, c in self.calls.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SessionRecord":
+        s = cls(name=d["name"], uid=int(d["uid"]), intent=Intent.parse(d.get("intent") or {}),
+                limits=Limits.from_dict(d.get("limits") or {}),
+                created_time=float(d.get("created_time", 0.0)),
+                next_call=int(d.get("next_call", 1)), calls_done=int(d.get("calls_done", 0)))
+        s.attached = {int(k): v for k, v in (d.get("attached") or {}).items()}
+        s.calls = {int(n): CallRecord.from_dict(c) for n, c in (d.get("calls") or {}).items()}
+        return s
+
+
+def save_state(path: str | Path, root: str, sessions: dict[str, SessionRecord]) -> None:
+    path = Path(path)
+    data = {"version": STATE_VERSION, "cgroup_root": root,
+            "sessions": {name: s.to_dict() for name, s in sessions.items()}}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, separators=(",", ":"))
+    os.replace(tmp, path)
+
+
+def load_state(path: str | Path) -> tuple[str | None, dict[str, SessionRecord]]:
+    """(cgroup root the file was written for, sessions); empty when absent or unreadable."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None, {}
+    except (OSError, ValueError):
+        return None, {}
+    if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+        return None, {}
+    sessions = {}
+    for name, d in (data.get("sessions") or {}).items():
+        try:
+            sessions[name] = SessionRecord.from_dict(d)
+        except (KeyError, ValueError, TypeError):
+            continue
+    return data.get("cgroup_root"), sessions
