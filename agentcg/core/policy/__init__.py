@@ -1,0 +1,14 @@
+"""The pure policy core: a snapshot in, actions out (see planner.py)."""
+from agentcg.core.policy import rules as _rules  # noqa: F401  (registers the rules)
+from agentcg.core.policy.model import (
+    Action, CallView, CgroupView, HostView, MemEvents, PolicyState, Psi, Reason, SessionView,
+    Snapshot, TriggerEvent,
+)
+from agentcg.core.policy.planner import Decision, decide, plan
+from agentcg.core.policy.registry import PolicyConfigError, Ruleset, default_ruleset, load_ruleset, registered
+
+__all__ = [
+    "Action", "CallView", "CgroupView", "Decision", "HostView", "MemEvents", "PolicyConfigError",
+    "PolicyState", "Psi", "Reason", "Ruleset", "SessionView", "Snapshot", "TriggerEvent", "decide",
+    "default_ruleset", "load_ruleset", "plan", "registered",
+]

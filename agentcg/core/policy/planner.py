@@ -1,0 +1,107 @@
+"""decide(snapshot, ruleset) -> actions: one pure step of the policy.
+
+Order within a tick:
+1. independent rules and detectors, in config order (grants, caps, CPU,
+   PSI findings);
+2. the memory ladder, if anything is short of memory (a finding):
+   throttle (1) -> reclaim (2) -> freeze (3) -> kill (4). The ladder climbs one
+   step at a time, and only once the current step has been in force for the
+   next step's escalate_after_ns without relieving the pressure. Steps already
+   reached stay in force while the pressure lasts.
+3. once no finding has been seen for ladder.calm_hold_ns, the steps are
+   undone from the top (thaw, memory.low restored) and the ladder is back at 0.
+
+The kill step's oom guard (host at its budget) fires at any level.
+State between ticks is a PolicyState, carried in the snapshot and returned.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agentcg.core.policy.context import Ctx
+from agentcg.core.policy.model import Action, PolicyState, Snapshot
+from agentcg.core.policy.registry import Ruleset
+
+
+@dataclass(frozen=True)
+class Decision:
+    actions: tuple[Action, ...]
+    state: PolicyState
+    findings: tuple = ()
+    wake_in_ns: int | None = None  # when the ladder wants another look without a new signal
+
+
+def plan(snapshot: Snapshot, ruleset: Ruleset, state: PolicyState | None = None) -> Decision:
+    state = snapshot.state if state is None else state
+    ctx = Ctx(snapshot, state)
+    now = snapshot.now_ns
+    steps = sorted((r for r in ruleset.rules if r.step > 0), key=lambda r: r.step)
+    for rule in ruleset.rules:
+        if rule.step == 0:
+            rule.evaluate(ctx)
+
+    level = state.level
+    level_since = state.level_since_ns
+    wake: int | None = None
+    kill_rule = next((r for r in steps if r.rule_name == "kill"), None)
+    if ctx.findings:
+        ctx.update(calm_since_ns=None)
+        if state.pressure_since_ns is None:
+            ctx.update(pressure_since_ns=now)
+        if steps:
+            if level == 0:
+                level, level_since = steps[0].step, now
+            else:
+                nxt = next((r for r in steps if r.step > level), None)
+                if nxt is not None:
+                    waited = now - level_since
+                    after = getattr(nxt, "escalate_after_ns", 0)
+                    if waited >= after:
+                        level, level_since = nxt.step, now
+                    else:
+                        wake = after - waited
+            for rule in steps:
+                if rule.step > level:
+                    break
+                if rule is kill_rule:
+                    # one kill per escalate_after_ns: at the step's entry, then after each cool-down
+                    cooldown = rule.escalate_after_ns
+                    if level_since == now or now - level_since >= cooldown:
+                        if rule.apply(ctx):
+                            level_since = now
+                    wake = cooldown - (now - level_since) or cooldown
+                else:
+                    rule.apply(ctx)
+    elif level > 0:
+        calm_since = state.calm_since_ns if state.calm_since_ns is not None else now
+        ctx.update(calm_since_ns=calm_since)
+        if now - calm_since >= ruleset.ladder.calm_hold_ns:
+            done = True
+            for rule in reversed(steps):
+                if rule.step <= level and rule.undo(ctx) is False:
+                    done = False
+            if done:
+                level, level_since = 0, now
+                ctx.update(pressure_since_ns=None, calm_since_ns=None)
+            else:
+                wake = ruleset.ladder.calm_hold_ns
+        else:
+            wake = ruleset.ladder.calm_hold_ns - (now - calm_since)
+    if kill_rule is not None and kill_rule.guard(ctx):
+        kill_rule.apply(ctx, guard=True)
+
+    # remember PSI totals for the next tick's stall measurement
+    prev = [(snapshot.host.cg.path, now, snapshot.host.cg.psi.some_total_us, snapshot.host.cg.psi.full_total_us)]
+    prev += [(s.path, now, s.cg.psi.some_total_us, s.cg.psi.full_total_us) for s in snapshot.sessions]
+    live = {c.path for _s, c in snapshot.calls()}
+    frozen = tuple(p for p in ctx.st("frozen") if p in live)
+    frozen_since = tuple(kv for kv in ctx.st("frozen_since_ns") if kv[0] in live)
+    new_state = state.with_(**ctx.updates).with_(level=level, level_since_ns=level_since, psi_prev=tuple(prev),
+                                                  frozen=frozen, frozen_since_ns=frozen_since,
+                                                  killed=tuple(p for p in ctx.st("killed") if p in live))
+    return Decision(tuple(ctx.actions), new_state, tuple(ctx.findings), wake)
+
+
+def decide(snapshot: Snapshot, ruleset: Ruleset) -> list[Action]:
+    """The actions for this snapshot (its `state` field carries the ladder)."""
+    return list(plan(snapshot, ruleset).actions)

@@ -1,0 +1,303 @@
+"""Policy core: each rule and the memory ladder, snapshots in, actions out."""
+from __future__ import annotations
+
+import pytest
+
+from agentcg.core.policy import (
+    CallView, CgroupView, HostView, MemEvents, PolicyConfigError, PolicyState, Psi, Reason, SessionView,
+    Snapshot, TriggerEvent, decide, load_ruleset, plan,
+)
+from agentcg.core.policy.model import Action
+
+M = 1 << 20
+G = 1 << 30
+MS = 1_000_000
+
+
+def cg(path, cur=0, high=None, mx=None, low=0, frozen=False, ev=None, psi=None, trig=()):
+    return CgroupView(path, cur, high, mx, low, psi or Psi(), tuple(trig), ev or MemEvents(), frozen)
+
+
+def call(sess, n, cur=0, high=None, mx=None, started=0, **kw):
+    return CallView(sess, f"c-{n}", cg(f"s-{sess}/c-{n}", cur, high, mx, **{k: v for k, v in kw.items()
+                                                                          if k in ("ev", "frozen")}),
+                    started_ns=started, **{k: v for k, v in kw.items() if k not in ("ev", "frozen")})
+
+
+def session(name, prio, calls=(), agent_bytes=100 * M, mx=None, psi=None, trig=()):
+    used = agent_bytes + sum(c.cg.memory_current_bytes for c in calls)
+    return SessionView(name, cg(f"s-{name}", used, mx=mx, psi=psi, trig=trig), prio,
+                       cg(f"s-{name}/agent", agent_bytes), tuple(calls))
+
+
+def snap(sessions, budget=2 * G, now=10**12, state=None, usage=None):
+    used = usage if usage is not None else sum(s.cg.memory_current_bytes for s in sessions)
+    return Snapshot(now, HostView(cg("", used), budget), tuple(sessions), state or PolicyState())
+
+
+def rules(*entries):
+    return load_ruleset({"rules": [e if isinstance(e, dict) else {"name": e} for e in entries]})
+
+
+# ---------------------------------------------------------------- rendering and config
+
+def test_action_renders_old_new_target_and_reason():
+    a = Action("set", "s-42/c-17", "memory.high", 2 * G, int(1.2 * G),
+               Reason("pressure", "38ms/500ms", "10ms"))
+    assert a.render() == "memory.high 2G -> 1.2G on s-42/c-17 (pressure: 38ms/500ms > 10ms)"
+    assert Action("thaw", "s-1/c-2", "cgroup.freeze", 1, 0, Reason("freeze", "calm", op="", threshold="")) \
+        .render() == "cgroup.freeze 1 -> 0 on s-1/c-2 (freeze: calm)"
+
+
+def test_config_parses_units_and_names_bad_fields():
+    rs = load_ruleset({"rules": [{"name": "burst_borrow", "args": {"default_call_bytes": "32M"}},
+                                 {"name": "kill", "args": {"escalate_after_ns": "1.5s"}}],
+                       "ladder": {"calm_hold_ns": "100ms"}})
+    assert rs.rules[0].default_call_bytes == 32 * M
+    assert rs.rules[1].escalate_after_ns == 1_500_000_000
+    assert rs.ladder.calm_hold_ns == 100 * MS
+    with pytest.raises(PolicyConfigError, match=r"policy.rules\[0\].args.step_pct"):
+        load_ruleset({"rules": [{"name": "burst_borrow", "args": {"step_pct": 150}}]})
+    with pytest.raises(PolicyConfigError, match=r"policy.rules\[1\].name: unknown rule 'nope'"):
+        load_ruleset({"rules": [{"name": "freeze"}, {"name": "nope"}]})
+    with pytest.raises(PolicyConfigError, match=r"args.hold: rule 'freeze' has no argument"):
+        load_ruleset({"rules": [{"name": "freeze", "args": {"hold": 1}}]})
+    with pytest.raises(PolicyConfigError, match=r"default_call_bytes: not a size: 'lots'"):
+        load_ruleset({"rules": [{"name": "burst_borrow", "args": {"default_call_bytes": "lots"}}]})
+    with pytest.raises(PolicyConfigError, match=r"args.kind: 'some' or 'full'"):
+        load_ruleset({"rules": [{"name": "psi_pressure", "args": {"kind": "most"}}]})
+    with pytest.raises(PolicyConfigError, match=r"policy.ladder.calm: unknown key"):
+        load_ruleset({"ladder": {"calm": 1}})
+    with pytest.raises(PolicyConfigError, match=r"policy.preset: unknown preset"):
+        load_ruleset({"preset": "fast"})
+
+
+def test_default_preset_is_the_adaptive_ladder():
+    assert load_ruleset({}).names() == ["psi_pressure", "burst_borrow", "call_cap", "cpu_classes",
+                                         "boost_blocking", "throttle", "reclaim", "freeze", "kill"]
+
+
+# ---------------------------------------------------------------- detectors
+
+def test_psi_trigger_event_is_pressure_with_measured_and_threshold():
+    s = session("a", 5, psi=Psi(some_total_us=0), trig=[TriggerEvent("some", 38_000, 500_000)])
+    d = plan(snap([s]), rules({"name": "psi_pressure", "args": {"stall_threshold_us": 10000}}))
+    assert len(d.findings) == 1
+    f = d.findings[0]
+    assert (f.session, f.measured, f.threshold, f.priority) == ("a", "38ms/500ms", "10ms", 5)
+
+
+def test_psi_total_growth_between_ticks_is_pressure_and_quiet_is_not():
+    rs = rules("psi_pressure")
+    s0 = session("a", 1, psi=Psi(some_total_us=1_000_000))
+    st = plan(snap([s0], now=10**12), rs).state
+    quiet = session("a", 1, psi=Psi(some_total_us=1_002_000))  # 2 ms stall in 100 ms
+    assert plan(snap([quiet], now=10**12 + 100 * MS, state=st), rs).findings == ()
+    busy = session("a", 1, psi=Psi(some_total_us=1_050_000))  # 50 ms stall in 100 ms
+    f = plan(snap([busy], now=10**12 + 100 * MS, state=st), rs).findings
+    assert [x.measured for x in f] == ["50ms/500ms"]
+
+
+# ---------------------------------------------------------------- burst borrowing
+
+def test_new_call_starts_at_its_intent_or_default():
+    c1 = call("a", 1, cur=1 * M, intent_memory_bytes=256 * M)
+    c2 = call("a", 2, cur=1 * M)
+    acts = decide(snap([session("a", 1, [c1, c2])]), rules("burst_borrow"))
+    highs = {a.target: a.new for a in acts if a.knob == "memory.high"}
+    assert highs == {"s-a/c-1": 256 * M, "s-a/c-2": 65 * M}
+
+
+def test_call_near_its_mark_borrows_while_host_has_slack():
+    c = call("a", 1, cur=60 * M, high=64 * M)
+    [a] = decide(snap([session("a", 1, [c])], budget=4 * G), rules("burst_borrow"))
+    assert (a.knob, a.old, a.new) == ("memory.high", 64 * M, 64 * M + 64 * M)
+    assert a.reason.rule == "burst_borrow" and "host free" in a.reason.detail
+
+
+def test_breach_event_borrows_a_step_of_half_the_usage():
+    c = call("a", 1, cur=1 * G, high=1 * G, ev=MemEvents(high=3))
+    [a] = decide(snap([session("a", 1, [c])], budget=8 * G), rules("burst_borrow"))
+    assert a.new == 1 * G + G // 2
+
+
+def test_no_slack_means_denied_finding_and_no_raise():
+    c = call("a", 1, cur=900 * M, high=900 * M, ev=MemEvents(high=1))
+    d = plan(snap([session("a", 3, [c], agent_bytes=100 * M)], budget=1 * G), rules("burst_borrow"))
+    assert d.actions == ()
+    assert [(f.kind, f.call, f.priority) for f in d.findings] == [("denied", "s-a/c-1", 3)]
+
+
+def test_high_priority_is_served_first_from_little_slack():
+    lo = call("lo", 1, cur=300 * M, high=300 * M, ev=MemEvents(high=1), started=1)
+    hi = call("hi", 1, cur=300 * M, high=300 * M, ev=MemEvents(high=1), started=2)
+    sessions = [session("lo", 1, [lo]), session("hi", 9, [hi])]
+    # 985M less 3% reserve = 955M; 800M used -> 155M free: hi takes its 150M step, lo finds 5M
+    d = plan(snap(sessions, budget=985 * M), rules({"name": "burst_borrow", "args": {"step_pct": 50.0}}))
+    raised = [a.target for a in d.actions]
+    assert raised == ["s-hi/c-1"]
+    assert [f.call for f in d.findings] == ["s-lo/c-1"]
+
+
+# ---------------------------------------------------------------- the ladder
+
+LADDER = [{"name": "burst_borrow"}, {"name": "throttle"},
+          {"name": "reclaim", "args": {"escalate_after_ns": "50ms"}},
+          {"name": "freeze", "args": {"escalate_after_ns": "200ms"}},
+          {"name": "kill", "args": {"escalate_after_ns": "2s"}}]
+
+
+def _pressure_world(state, now, frozen_lo=False, hi_cur=400 * M, lo_cur=400 * M):
+    hi = call("hi", 1, cur=hi_cur, high=hi_cur, ev=MemEvents(high=1), started=5)
+    lo = call("lo", 1, cur=lo_cur, high=lo_cur + 100 * M, started=1, frozen=frozen_lo)
+    sessions = [session("hi", 9, [hi]), session("lo", 1, [lo])]
+    return snap(sessions, budget=1 * G, now=now, state=state)
+
+
+def test_ladder_climbs_one_step_at_a_time_in_order():
+    rs = load_ruleset({"rules": LADDER, "ladder": {"calm_hold_ns": "300ms"}})
+    t0 = 10**12
+    d1 = plan(_pressure_world(PolicyState(), t0), rs)
+    assert d1.state.level == 1
+    assert {a.kind for a in d1.actions} == {"set"}
+    # throttle: lo's unused borrowed headroom is taken back, nothing frozen, nothing killed
+    assert [(a.target, a.new) for a in d1.actions] == [("s-lo/c-1", 400 * M + 8 * M)]
+    assert d1.actions[0].reason.detail == "borrowed headroom returned"
+
+    d2 = plan(_pressure_world(d1.state, t0 + 20 * MS), rs)
+    assert d2.state.level == 1  # reclaim waits 50 ms
+    d3 = plan(_pressure_world(d2.state, t0 + 60 * MS), rs)
+    assert d3.state.level == 2
+    lows = [a for a in d3.actions if a.knob == "memory.low"]
+    assert [(a.target, a.new) for a in lows] == [("s-hi", 500 * M)]
+    assert any(a.target == "s-lo/c-1" and a.knob == "memory.high" and a.new == 360 * M for a in d3.actions)
+    assert not any(a.kind in ("freeze", "kill") for a in d3.actions)
+
+    d4 = plan(_pressure_world(d3.state, t0 + 270 * MS), rs)
+    assert d4.state.level == 3
+    fr = [a for a in d4.actions if a.kind == "freeze"]
+    assert [a.target for a in fr] == ["s-lo/c-1"] and "paused" in fr[0].feedback
+    assert not any(a.kind == "kill" for a in d4.actions)
+
+    d5 = plan(_pressure_world(d4.state, t0 + 1 * 10**9, frozen_lo=True), rs)
+    assert d5.state.level == 3 and not any(a.kind == "kill" for a in d5.actions)
+    d6 = plan(_pressure_world(d5.state, t0 + 2300 * MS, frozen_lo=True), rs)
+    assert d6.state.level == 4
+    kills = [a for a in d6.actions if a.kind == "kill"]
+    assert [a.target for a in kills] == ["s-lo/c-1"]
+    assert "agent keeps running" in kills[0].feedback
+    # a second kill only after another escalate_after_ns
+    d7 = plan(_pressure_world(d6.state, t0 + 2400 * MS, frozen_lo=True), rs)
+    assert not any(a.kind == "kill" for a in d7.actions)
+
+
+def test_ladder_thaws_only_after_calm_hold_and_below_thaw_mark():
+    rs = load_ruleset({"rules": LADDER, "ladder": {"calm_hold_ns": "300ms"}})
+    t0 = 10**12
+    st = PolicyState(level=3, level_since_ns=t0, pressure_since_ns=t0, frozen=("s-lo/c-1",),
+                     frozen_since_ns=(("s-lo/c-1", t0),), protected=(("s-hi", 0),))
+    lo = call("lo", 1, cur=300 * M, high=300 * M, started=1, frozen=True)
+    hi_s = session("hi", 9, [])
+    hi_s = SessionView("hi", cg("s-hi", hi_s.cg.memory_current_bytes, low=500 * M), 9, hi_s.agent, ())
+    calm = [hi_s, session("lo", 1, [lo])]
+    d1 = plan(snap(calm, budget=1 * G, now=t0 + 10 * MS, state=st), rs)
+    assert d1.state.level == 3 and not any(a.kind == "thaw" for a in d1.actions)
+    assert d1.wake_in_ns == 300 * MS
+    d2 = plan(snap(calm, budget=1 * G, now=t0 + 320 * MS, state=d1.state), rs)
+    assert [a.target for a in d2.actions if a.kind == "thaw"] == ["s-lo/c-1"]
+    assert [(a.target, a.new) for a in d2.actions if a.knob == "memory.low"] == [("s-hi", 0)]
+    assert d2.state.level == 0 and d2.state.frozen == ()
+    # too full to thaw: the ladder holds
+    full = [session("hi", 9, [], agent_bytes=700 * M), session("lo", 1, [lo])]
+    d3 = plan(snap(full, budget=1 * G, now=t0 + 320 * MS, state=d1.state), rs)
+    assert not any(a.kind == "thaw" for a in d3.actions) and d3.state.level == 3
+
+
+def test_same_priority_pressure_never_freezes_or_kills_peers_early():
+    rs = load_ruleset({"rules": LADDER})
+    t0 = 10**12
+    a = call("a", 1, cur=450 * M, high=450 * M, ev=MemEvents(high=1), started=1)
+    b = call("b", 1, cur=400 * M, high=400 * M, ev=MemEvents(high=1), started=2)
+    st = PolicyState(last_grant_ns=t0)
+    for dt in (0, 100, 300, 2500, 4900):
+        d = plan(snap([session("a", 1, [a], 50 * M), session("b", 1, [b], 50 * M)], budget=960 * M,
+                      now=t0 + dt * MS, state=st), rs)
+        st = d.state
+        assert d.findings and all(f.kind == "denied" for f in d.findings)
+        assert not any(x.kind in ("freeze", "kill") for x in d.actions), dt
+
+
+def test_deadlock_between_peers_kills_the_youngest_waiting_call():
+    rs = load_ruleset({"rules": LADDER})
+    t0 = 10**12
+    a = call("a", 1, cur=450 * M, high=450 * M, ev=MemEvents(high=1), started=1)
+    b = call("b", 1, cur=400 * M, high=400 * M, ev=MemEvents(high=1), started=2)
+    st = PolicyState(level=4, level_since_ns=t0, pressure_since_ns=t0, last_grant_ns=t0)
+    d = plan(snap([session("a", 1, [a], 50 * M), session("b", 1, [b], 50 * M)], budget=960 * M,
+                  now=t0 + 6 * 10**9, state=st), rs)
+    assert [x.target for x in d.actions if x.kind == "kill"] == ["s-b/c-1"]
+
+
+def test_oom_guard_kills_a_tool_call_never_the_agent():
+    rs = load_ruleset({"rules": LADDER})
+    lo = call("lo", 1, cur=200 * M, high=None)
+    hi = call("hi", 1, cur=100 * M, high=None)
+    sessions = [session("hi", 9, [hi], agent_bytes=600 * M), session("lo", 1, [lo], agent_bytes=120 * M)]
+    acts = decide(snap(sessions, budget=1 * G, usage=1 * G), rs)
+    kills = [a for a in acts if a.kind == "kill"]
+    assert [a.target for a in kills] == ["s-lo/c-1"]
+    assert kills[0].reason.rule == "kill" and "budget" in kills[0].reason.threshold
+    assert not any(a.target.endswith("/agent") or a.target in ("s-hi", "s-lo") for a in kills)
+
+
+def test_kill_refuses_non_call_cgroups():
+    from agentcg.core.policy.context import Ctx
+    ctx = Ctx(snap([]), PolicyState())
+    agent_like = CallView("a", "agent", cg("s-a/agent"))
+    with pytest.raises(ValueError, match="only tool-call cgroups"):
+        ctx.kill(agent_like, Reason("x", "y"), "z")
+
+
+# ---------------------------------------------------------------- caps, cpu, baselines
+
+def test_call_cap_sets_call_max_and_kills_a_call_alone_over_the_cap():
+    c = call("a", 1, cur=100 * M, high=None)
+    s = session("a", 1, [c], agent_bytes=200 * M, mx=1 * G)
+    acts = decide(snap([s], budget=None), rules("call_cap"))
+    assert [(a.target, a.knob, a.new) for a in acts] == [("s-a/c-1", "memory.max", 1 * G - 200 * M - 16 * M)]
+    big = call("a", 1, cur=800 * M, mx=808 * M, ev=MemEvents(max=2))
+    s2 = session("a", 1, [big], agent_bytes=200 * M, mx=1 * G)
+    acts = decide(snap([s2], budget=None), rules("call_cap"))
+    assert [(a.kind, a.target) for a in acts] == [("kill", "s-a/c-1")]
+    assert "exceeds the 1G memory cap of session a" in acts[0].feedback
+
+
+def test_cpu_classes_and_blocking_boost():
+    lat = CallView("a", "c-1", cg("s-a/c-1"), cpu_class="latency", blocking=False)
+    bat = CallView("a", "c-2", cg("s-a/c-2"), cpu_class="batch", blocking=True)
+    blk = CallView("a", "c-3", cg("s-a/c-3"), blocking=True)
+    s = SessionView("a", cg("s-a"), 1, None, (lat, bat, blk))
+    acts = decide(snap([s]), rules({"name": "cpu_classes", "args": {"batch_max_pct": 50}}, "boost_blocking"))
+    got = {(a.target, a.knob): a.new for a in acts}
+    assert got == {("s-a/c-1", "cpu.weight"): 200, ("s-a/c-2", "cpu.weight"): 25,
+                   ("s-a/c-2", "cpu.max"): "50000 100000", ("s-a/c-3", "cpu.weight"): 400}
+
+
+def test_static_session_max_splits_the_budget():
+    acts = decide(snap([session("a", 1), session("b", 2)], budget=2 * G), rules("static_session_max"))
+    assert {(a.target, a.new) for a in acts} == {("s-a", 1 * G), ("s-b", 1 * G)}
+
+
+def test_command_hint_gives_big_mark_to_test_runners_only():
+    t = CallView("a", "c-1", cg("s-a/c-1"), cmd="cd repo && python -m pytest tests/ -x")
+    g = CallView("a", "c-2", cg("s-a/c-2"), cmd="git status")
+    acts = decide(snap([SessionView("a", cg("s-a"), 1, None, (t, g))]), rules("command_hint_high"))
+    assert {(a.target, a.new) for a in acts} == {("s-a/c-1", 1 * G), ("s-a/c-2", 128 * M)}
+    # set once: a call that already has a mark is left alone
+    t2 = CallView("a", "c-1", cg("s-a/c-1", high=1 * G), cmd="pytest")
+    assert decide(snap([SessionView("a", cg("s-a"), 1, None, (t2,))]), rules("command_hint_high")) == []
+
+
+def test_no_action_when_value_already_set():
+    c = call("a", 1, cur=1 * M, high=65 * M)
+    assert decide(snap([session("a", 1, [c])]), rules("burst_borrow")) == []
