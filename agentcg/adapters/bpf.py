@@ -1,0 +1,367 @@
+"""agentcg's BPF programs: find, probe, load, attach, poll, read, destroy.
+
+The only module (with libbpf.py) that touches BPF. The pipeline for every
+object is: open -> set `const volatile` knobs -> probe what this kernel can
+run and switch the rest off -> load -> attach -> poll (lost events counted
+in-kernel when the ring buffer is full) -> destroy.
+
+If BPF is unavailable (no libbpf, no BTF, not root, objects not built), the
+loader says so in :class:`BpfStatus` and the daemon keeps working from
+cgroupfs alone.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from agentcg.adapters import bpf_types as T
+from agentcg.adapters.libbpf import (
+    BPF_MAP_TYPE_RINGBUF,
+    BPF_PROG_TYPE_CGROUP_SKB,
+    BPF_PROG_TYPE_CGROUP_SOCK,
+    BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+    BPF_PROG_TYPE_TRACING,
+    BpfObject,
+    Libbpf,
+    LibbpfError,
+    LibbpfUnavailable,
+    Link,
+    RingBuffer,
+    VmlinuxBtf,
+)
+from agentcg.core.attribution import ProcEvent
+
+VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
+SCHED_EXT_DIR = Path("/sys/kernel/sched_ext")
+
+
+def objects_dir() -> Path:
+    """Where the built .bpf.o files are: $AGENTCG_BPF_DIR, the source tree's
+    bpf/.output, or the installed agentcg/bpf_objs."""
+    env = os.environ.get("AGENTCG_BPF_DIR")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve()
+    src = here.parents[2] / "bpf" / ".output"
+    if src.is_dir():
+        return src
+    return here.parents[1] / "bpf_objs"
+
+
+def cgroup_id(path: str | os.PathLike) -> int:
+    """cgroup v2 id of a cgroup directory: its inode number."""
+    return os.stat(path).st_ino
+
+
+def cgroup2_mount_of(path: str | os.PathLike) -> Path:
+    """The cgroup2 mount point containing `path`."""
+    p = Path(os.path.realpath(path))
+    best = None
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 2 and parts[2] == "cgroup2":
+                mnt = Path(parts[1])
+                if (p == mnt or mnt in p.parents) and (best is None or len(str(mnt)) > len(str(best))):
+                    best = mnt
+    if best is None:
+        raise FileNotFoundError(f"{path} is not on a cgroup2 mount")
+    return best
+
+
+def cgroup_level(path: str | os.PathLike) -> int:
+    """Depth of a cgroup below its cgroup2 root (the root is level 0)."""
+    p = Path(os.path.realpath(path))
+    return len(p.relative_to(cgroup2_mount_of(p)).parts)
+
+
+@dataclass
+class Feature:
+    state: str        # "used" | "available" | "absent" | "off" | "failed"
+    detail: str = ""
+
+    def as_dict(self) -> dict:
+        return {"state": self.state, "detail": self.detail}
+
+
+@dataclass
+class BpfStatus:
+    """What BPF does on this host, and why not where it does not."""
+
+    available: bool = False
+    reason: str = ""
+    libbpf: str = ""
+    objects_dir: str = ""
+    features: dict[str, Feature] = field(default_factory=dict)
+    attached: list[str] = field(default_factory=list)
+    events: int = 0
+    lost_events: int = 0
+    decode_errors: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "available": self.available,
+            "reason": self.reason,
+            "libbpf": self.libbpf,
+            "objects_dir": self.objects_dir,
+            "features": {k: v.as_dict() for k, v in sorted(self.features.items())},
+            "attached": list(self.attached),
+            "events": self.events,
+            "lost_events": self.lost_events,
+            "decode_errors": self.decode_errors,
+        }
+
+
+def probe_host(lb: Libbpf | None = None) -> BpfStatus:
+    """Detect BPF support without loading anything of ours."""
+    st = BpfStatus(objects_dir=str(objects_dir()))
+    if lb is None:
+        try:
+            lb = Libbpf.get()
+        except LibbpfUnavailable as exc:
+            st.reason = str(exc)
+            return st
+    st.libbpf = lb.version_str
+    if not VMLINUX_BTF.exists():
+        st.reason = f"kernel has no BTF ({VMLINUX_BTF} missing): CO-RE programs cannot load"
+        return st
+    if os.geteuid() != 0:
+        st.reason = "not root: loading BPF programs needs CAP_BPF/CAP_SYS_ADMIN"
+        return st
+    f = st.features
+    f["tracing"] = Feature("available" if lb.probe_prog_type(BPF_PROG_TYPE_TRACING) else "absent",
+                           "tp_btf / raw_tp programs")
+    f["ringbuf"] = Feature("available" if lb.probe_map_type(BPF_MAP_TYPE_RINGBUF) else "absent",
+                           "BPF ring buffer (5.8+)")
+    cg_ok = all(lb.probe_prog_type(t) for t in (BPF_PROG_TYPE_CGROUP_SOCK, BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                                                  BPF_PROG_TYPE_CGROUP_SKB))
+    f["cgroup_bpf"] = Feature("available" if cg_ok else "absent", "cgroup sock/sock_addr/skb programs")
+    if SCHED_EXT_DIR.is_dir():
+        try:
+            state = (SCHED_EXT_DIR / "state").read_text().strip()
+        except OSError:
+            state = "unknown"
+        f["sched_ext"] = Feature("available", f"/sys/kernel/sched_ext/state = {state}")
+    else:
+        f["sched_ext"] = Feature("absent", "kernel built without CONFIG_SCHED_CLASS_EXT")
+    try:
+        with VmlinuxBtf(lb) as btf:
+            has = btf.has_struct("memcg_bpf_ops")
+        f["memcg_bpf_ops"] = Feature("available" if has else "absent",
+                                     "struct memcg_bpf_ops in kernel BTF" if has else
+                                     "struct memcg_bpf_ops not in kernel BTF (unmerged patch series): nothing assumed")
+    except LibbpfError as exc:
+        f["memcg_bpf_ops"] = Feature("failed", str(exc).splitlines()[0])
+    st.available = True
+    return st
+
+
+def _percpu_sum(obj_map, idx: int, ncpus: int) -> int:
+    arr = (ctypes.c_uint64 * ncpus)()
+    if not obj_map.lookup(ctypes.c_uint32(idx), arr):
+        return 0
+    return int(sum(arr))
+
+
+class Tracker:
+    """The process tracker (tracker.bpf.o): events, per-cgroup counters, run-queue latency."""
+
+    def __init__(self, root_cgroup: str | os.PathLike | None, *, runq: bool = True,
+                 lb: Libbpf | None = None, obj_dir: Path | None = None, prefer: str = "tp_btf"):
+        self._lb = lb or Libbpf.get()
+        self.path = str((obj_dir or objects_dir()) / "tracker.bpf.o")
+        if not os.path.exists(self.path):
+            raise FileNotFoundError(f"{self.path} not built: run `make -C bpf`")
+        self.root_cgroup = str(root_cgroup) if root_cgroup else None
+        self.runq = runq
+        self.flavor = ""
+        self.links: list[Link] = []
+        self._obj: BpfObject | None = None
+        self._rb: RingBuffer | None = None
+        self._pending: list[ProcEvent] = []
+        self.decode_errors = 0
+        self.events = 0
+        self.load_notes: list[str] = []
+        flavors = [prefer] + [f for f in ("tp_btf", "raw_tp") if f != prefer]
+        last: Exception | None = None
+        for flavor in flavors:
+            try:
+                self._open_load(flavor)
+                self.flavor = flavor
+                break
+            except LibbpfError as exc:
+                self.load_notes.append(f"{flavor}: {str(exc).splitlines()[0]}")
+                last = exc
+                self.close()
+        else:
+            raise last  # type: ignore[misc]
+        try:
+            for prog in self._obj.programs():
+                if prog.autoload:
+                    self.links.append(prog.attach())
+            self._rb = RingBuffer(self._lb, self._obj.map("events"), self._on_sample)
+            self._ncpus = self._lb.num_possible_cpus()
+        except Exception:
+            self.close()
+            raise
+
+    def _open_load(self, flavor: str) -> None:
+        obj = BpfObject(self._lb, self.path)
+        self._obj = obj
+        knobs: dict[str, int] = {}
+        if self.root_cgroup:
+            knobs["filter_cgid"] = cgroup_id(self.root_cgroup)
+            knobs["filter_level"] = cgroup_level(self.root_cgroup)
+        obj.set_knobs(**knobs)
+        for prog in obj.programs():
+            keep = prog.section.startswith(flavor + "/")
+            if not self.runq and any(s in prog.section for s in ("sched_wakeup", "sched_switch")):
+                keep = False
+            prog.set_autoload(keep)
+        obj.load()
+
+    def _on_sample(self, data: bytes) -> None:
+        try:
+            self._pending.append(T.decode_event(data))
+            self.events += 1
+        except T.EventDecodeError:
+            self.decode_errors += 1
+
+    def poll(self, timeout_ms: int = 0) -> list[ProcEvent]:
+        """Events since the last call (waits up to timeout_ms for the first)."""
+        if self._rb is None:
+            return []
+        if timeout_ms > 0:
+            self._rb.poll(timeout_ms)
+        else:
+            self._rb.consume()
+        out, self._pending = self._pending, []
+        return out
+
+    def epoll_fd(self) -> int:
+        if self._rb is None:
+            raise RuntimeError("tracker is closed")
+        return self._rb.epoll_fd()
+
+    def counter(self, idx: int) -> int:
+        return _percpu_sum(self._obj.map("counters"), idx, self._ncpus)
+
+    @property
+    def lost_events(self) -> int:
+        return self.counter(T.AGENTCG_CTR_RINGBUF_DROPS)
+
+    def cg_stats(self, cgid: int) -> dict[str, int]:
+        v = T.AgentcgCgStats()
+        if not self._obj.map("cg_stats").lookup(ctypes.c_uint64(cgid), v):
+            return {"forks": 0, "execs": 0, "exits": 0, "oom_kills": 0}
+        return {"forks": v.forks, "execs": v.execs, "exits": v.exits, "oom_kills": v.oom_kills}
+
+    def runq_hist(self, cgid: int) -> dict[str, Any]:
+        """{"count", "sum_ns", "slots", "p50_ns", "p99_ns"} for a cgroup (zeros if none)."""
+        h = T.AgentcgRunqHist()
+        if not self._obj.map("runq_hist").lookup(ctypes.c_uint64(cgid), h):
+            return {"count": 0, "sum_ns": 0, "slots": [0] * T.AGENTCG_RUNQ_SLOTS, "p50_ns": None, "p99_ns": None}
+        slots = [int(x) for x in h.slots]
+        return {"count": int(h.count), "sum_ns": int(h.sum_ns), "slots": slots,
+                "p50_ns": T.hist_percentile_ns(slots, 50), "p99_ns": T.hist_percentile_ns(slots, 99)}
+
+    def forget_cgroup(self, cgid: int) -> None:
+        """Drop a removed cgroup's counters (ids are not reused while the daemon runs, but maps are bounded)."""
+        key = ctypes.c_uint64(cgid)
+        for name in ("cg_stats", "runq_hist"):
+            try:
+                self._obj.map(name).delete(key)
+            except LibbpfError:
+                pass
+
+    def close(self) -> None:
+        for link in self.links:
+            link.destroy()
+        self.links = []
+        if self._rb is not None:
+            self._rb.free()
+            self._rb = None
+        if self._obj is not None:
+            self._obj.close()
+            self._obj = None
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class NetPolicy:
+    """Network intent (netpolicy.bpf.o), attached to one cgroup (effective below it)."""
+
+    def __init__(self, cgroup: str | os.PathLike, *, lb: Libbpf | None = None, obj_dir: Path | None = None):
+        self._lb = lb or Libbpf.get()
+        self.path = str((obj_dir or objects_dir()) / "netpolicy.bpf.o")
+        if not os.path.exists(self.path):
+            raise FileNotFoundError(f"{self.path} not built: run `make -C bpf`")
+        self.cgroup = str(cgroup)
+        self.links: list[Link] = []
+        self._obj: BpfObject | None = BpfObject(self._lb, self.path)
+        fd = -1
+        try:
+            self._obj.load()
+            self._ncpus = self._lb.num_possible_cpus()
+            fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+            for prog in self._obj.programs():
+                self.links.append(prog.attach_cgroup(fd))
+        except Exception:
+            self.close()
+            raise
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def set_mode(self, cgid: int, mode: str) -> None:
+        if mode not in T.NET_MODES:
+            raise ValueError(f"network={mode!r}: expected one of {sorted(T.NET_MODES)}")
+        key = ctypes.c_uint64(cgid)
+        if T.NET_MODES[mode] == T.AGENTCG_NET_FULL:
+            self._obj.map("net_mode").delete(key)
+        else:
+            self._obj.map("net_mode").update(key, ctypes.c_uint32(T.NET_MODES[mode]))
+
+    def net_stats(self, cgid: int) -> dict[str, int]:
+        v = T.AgentcgNetStats()
+        names = [f[0] for f in T.AgentcgNetStats._fields_]
+        if not self._obj.map("net_stats").lookup(ctypes.c_uint64(cgid), v):
+            return {n: 0 for n in names}
+        return {n: int(getattr(v, n)) for n in names}
+
+    def forget(self, cgid: int) -> None:
+        key = ctypes.c_uint64(cgid)
+        for name in ("net_mode", "net_stats"):
+            try:
+                self._obj.map(name).delete(key)
+            except LibbpfError:
+                pass
+
+    @property
+    def denied_total(self) -> int:
+        return _percpu_sum(self._obj.map("counters"), T.AGENTCG_CTR_NET_DENIED, self._ncpus)
+
+    def close(self) -> None:
+        for link in self.links:
+            link.destroy()
+        self.links = []
+        if self._obj is not None:
+            self._obj.close()
+            self._obj = None
+
+    def __enter__(self) -> "NetPolicy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def attached_names(links: Iterable[Link]) -> list[str]:
+    return [l.what for l in links if l.alive]

@@ -1,0 +1,318 @@
+// SPDX-License-Identifier: Apache-2.0
+/*
+ * tracker.bpf.c - follows processes inside agentcg's cgroup subtree.
+ *
+ * Observes, for tasks in the daemon's subtree only (filter_cgid/filter_level):
+ *   - sched_process_fork (new processes, not threads), sched_process_exec
+ *     (path + argv), sched_process_exit (process leader) -> ring-buffer events;
+ *   - per-cgroup counters of forks, execs, exits and OOM victims;
+ *   - run-queue latency (wakeup -> switch-in, and preempted -> switch-in)
+ *     per cgroup as a log2 histogram;
+ *   - oom/mark_victim -> an event naming the victim and its cgroup.
+ * It decides nothing: the daemon attributes processes to tool calls, moves
+ * them and reacts. Every hook exists twice, as tp_btf (preferred: typed
+ * arguments, cheapest) and raw_tp (fallback); the loader keeps one set.
+ */
+#include "common.bpf.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+/* Knobs, set by the loader before load. Non-zero defaults keep verification realistic. */
+const volatile __u64 filter_cgid = 0;      /* 0: trace every task */
+const volatile __u32 filter_level = 1;     /* depth of filter_cgid below the cgroup2 root */
+const volatile __u64 runq_min_ns = 1;      /* ignore shorter run-queue waits */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, AGENTCG_RINGBUF_BYTES);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, NR_AGENTCG_CTR);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, AGENTCG_MAX_CGROUPS);
+	__type(key, __u64);
+	__type(value, struct agentcg_cg_stats);
+} cg_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, AGENTCG_MAX_CGROUPS);
+	__type(key, __u64);
+	__type(value, struct agentcg_runq_hist);
+} runq_hist SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, AGENTCG_MAX_TASKS);
+	__type(key, __u32);
+	__type(value, __u64);
+} runq_start SEC(".maps");
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
+
+	if (v)
+		*v += 1;
+}
+
+static __always_inline struct agentcg_cg_stats *stats_of(__u64 cgid)
+{
+	struct agentcg_cg_stats *s = bpf_map_lookup_elem(&cg_stats, &cgid);
+
+	if (s)
+		return s;
+	struct agentcg_cg_stats zero = {};
+	bpf_map_update_elem(&cg_stats, &cgid, &zero, BPF_NOEXIST);
+	return bpf_map_lookup_elem(&cg_stats, &cgid);
+}
+
+static __always_inline struct agentcg_event *reserve(void)
+{
+	struct agentcg_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+
+	if (!e) {
+		count(AGENTCG_CTR_RINGBUF_DROPS);
+		return NULL;
+	}
+	/* The ring buffer is not zeroed: clear what a partial fill could leave. */
+	e->flags = 0;
+	e->exit_code = 0;
+	e->args_len = 0;
+	e->_pad = 0;
+	e->filename[0] = 0;
+	e->args[0] = 0;
+	return e;
+}
+
+static __always_inline void fill_task(struct agentcg_event *e, __u32 type, struct task_struct *t, __u64 cgid)
+{
+	e->type = type;
+	e->pid = BPF_CORE_READ(t, pid);
+	e->tgid = BPF_CORE_READ(t, tgid);
+	e->ppid = BPF_CORE_READ(t, real_parent, tgid);
+	e->ts_ns = bpf_ktime_get_ns();
+	e->cgroup_id = cgid;
+	e->start_ns = BPF_CORE_READ(t, start_time);
+	bpf_probe_read_kernel_str(e->comm, sizeof(e->comm), &t->comm);
+}
+
+static __always_inline void submit(struct agentcg_event *e)
+{
+	bpf_ringbuf_submit(e, 0);
+	count(AGENTCG_CTR_EVENTS);
+}
+
+static __always_inline int on_fork(struct task_struct *parent, struct task_struct *child)
+{
+	struct agentcg_cg_stats *s;
+	struct agentcg_event *e;
+	__u64 cgid;
+
+	if (BPF_CORE_READ(child, pid) != BPF_CORE_READ(child, tgid))
+		return 0; /* a thread */
+	if (!task_under(child, filter_cgid, filter_level))
+		return 0;
+	cgid = task_cgroup_id(child);
+	s = stats_of(cgid);
+	if (s)
+		__sync_fetch_and_add(&s->forks, 1);
+	e = reserve();
+	if (!e)
+		return 0;
+	fill_task(e, AGENTCG_EV_FORK, child, cgid);
+	submit(e);
+	return 0;
+}
+
+static __always_inline int on_exec(struct task_struct *p, struct linux_binprm *bprm)
+{
+	struct agentcg_cg_stats *s;
+	struct agentcg_event *e;
+	unsigned long arg_start, arg_end, len;
+	const char *fname;
+	__u64 cgid;
+
+	if (!task_under(p, filter_cgid, filter_level))
+		return 0;
+	cgid = task_cgroup_id(p);
+	s = stats_of(cgid);
+	if (s)
+		__sync_fetch_and_add(&s->execs, 1);
+	e = reserve();
+	if (!e)
+		return 0;
+	fill_task(e, AGENTCG_EV_EXEC, p, cgid);
+	fname = BPF_CORE_READ(bprm, filename);
+	bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), fname);
+	arg_start = BPF_CORE_READ(p, mm, arg_start);
+	arg_end = BPF_CORE_READ(p, mm, arg_end);
+	len = arg_end > arg_start ? arg_end - arg_start : 0;
+	if (len > AGENTCG_ARGS_LEN) {
+		len = AGENTCG_ARGS_LEN;
+		e->flags |= AGENTCG_EVF_ARGS_TRUNCATED;
+	}
+	if (len > 0 && len <= AGENTCG_ARGS_LEN &&
+	    bpf_probe_read_user(e->args, len, (const void *)arg_start) == 0)
+		e->args_len = len;
+	submit(e);
+	return 0;
+}
+
+static __always_inline int on_exit(struct task_struct *p)
+{
+	struct agentcg_cg_stats *s;
+	struct agentcg_event *e;
+	__u32 pid = BPF_CORE_READ(p, pid);
+	__u64 cgid;
+
+	bpf_map_delete_elem(&runq_start, &pid);
+	if (pid != BPF_CORE_READ(p, tgid))
+		return 0; /* a thread */
+	if (!task_under(p, filter_cgid, filter_level))
+		return 0;
+	cgid = task_cgroup_id(p);
+	s = stats_of(cgid);
+	if (s)
+		__sync_fetch_and_add(&s->exits, 1);
+	e = reserve();
+	if (!e)
+		return 0;
+	fill_task(e, AGENTCG_EV_EXIT, p, cgid);
+	e->exit_code = BPF_CORE_READ(p, exit_code);
+	submit(e);
+	return 0;
+}
+
+static __always_inline int on_oom_victim(struct task_struct *p)
+{
+	struct agentcg_cg_stats *s;
+	struct agentcg_event *e;
+	__u64 cgid;
+
+	if (!task_under(p, filter_cgid, filter_level))
+		return 0;
+	cgid = task_cgroup_id(p);
+	s = stats_of(cgid);
+	if (s)
+		__sync_fetch_and_add(&s->oom_kills, 1);
+	e = reserve();
+	if (!e)
+		return 0;
+	fill_task(e, AGENTCG_EV_OOM, p, cgid);
+	submit(e);
+	return 0;
+}
+
+/* Run-queue latency: remember when a watched task became runnable. */
+static __always_inline int runq_enqueued(struct task_struct *p)
+{
+	__u32 pid = BPF_CORE_READ(p, pid);
+	__u64 ts;
+
+	if (!pid || !task_under(p, filter_cgid, filter_level))
+		return 0;
+	ts = bpf_ktime_get_ns();
+	if (bpf_map_update_elem(&runq_start, &pid, &ts, BPF_ANY))
+		count(AGENTCG_CTR_RUNQ_MISSES);
+	return 0;
+}
+
+static __always_inline int on_switch(struct task_struct *prev, struct task_struct *next, unsigned int prev_state)
+{
+	struct agentcg_runq_hist *h;
+	__u64 *start, delta, cgid;
+	__u32 pid, slot;
+
+	if (prev_state == 0) /* TASK_RUNNING: preempted, back on the run queue */
+		runq_enqueued(prev);
+	pid = BPF_CORE_READ(next, pid);
+	start = bpf_map_lookup_elem(&runq_start, &pid);
+	if (!start)
+		return 0;
+	delta = bpf_ktime_get_ns() - *start;
+	bpf_map_delete_elem(&runq_start, &pid);
+	if (delta < runq_min_ns)
+		return 0;
+	cgid = task_cgroup_id(next);
+	h = bpf_map_lookup_elem(&runq_hist, &cgid);
+	if (!h) {
+		struct agentcg_runq_hist zero = {};
+		bpf_map_update_elem(&runq_hist, &cgid, &zero, BPF_NOEXIST);
+		h = bpf_map_lookup_elem(&runq_hist, &cgid);
+		if (!h)
+			return 0;
+	}
+	slot = log2_u64(delta);
+	if (slot >= AGENTCG_RUNQ_SLOTS)
+		slot = AGENTCG_RUNQ_SLOTS - 1;
+	__sync_fetch_and_add(&h->slots[slot], 1);
+	__sync_fetch_and_add(&h->count, 1);
+	__sync_fetch_and_add(&h->sum_ns, delta);
+	return 0;
+}
+
+/* tp_btf: typed arguments. */
+SEC("tp_btf/sched_process_fork")
+int BPF_PROG(tp_btf_fork, struct task_struct *parent, struct task_struct *child)
+{ return on_fork(parent, child); }
+
+SEC("tp_btf/sched_process_exec")
+int BPF_PROG(tp_btf_exec, struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)
+{ return on_exec(p, bprm); }
+
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(tp_btf_exit, struct task_struct *p)
+{ return on_exit(p); }
+
+SEC("tp_btf/mark_victim")
+int BPF_PROG(tp_btf_oom, struct task_struct *p)
+{ return on_oom_victim(p); }
+
+SEC("tp_btf/sched_wakeup")
+int BPF_PROG(tp_btf_wakeup, struct task_struct *p)
+{ return runq_enqueued(p); }
+
+SEC("tp_btf/sched_wakeup_new")
+int BPF_PROG(tp_btf_wakeup_new, struct task_struct *p)
+{ return runq_enqueued(p); }
+
+SEC("tp_btf/sched_switch")
+int BPF_PROG(tp_btf_switch, bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state)
+{ return on_switch(prev, next, prev_state); }
+
+/* raw_tp: the same hooks where tp_btf is unavailable. */
+SEC("raw_tp/sched_process_fork")
+int BPF_PROG(raw_tp_fork, struct task_struct *parent, struct task_struct *child)
+{ return on_fork(parent, child); }
+
+SEC("raw_tp/sched_process_exec")
+int BPF_PROG(raw_tp_exec, struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)
+{ return on_exec(p, bprm); }
+
+SEC("raw_tp/sched_process_exit")
+int BPF_PROG(raw_tp_exit, struct task_struct *p)
+{ return on_exit(p); }
+
+SEC("raw_tp/mark_victim")
+int BPF_PROG(raw_tp_oom, struct task_struct *p)
+{ return on_oom_victim(p); }
+
+SEC("raw_tp/sched_wakeup")
+int BPF_PROG(raw_tp_wakeup, struct task_struct *p)
+{ return runq_enqueued(p); }
+
+SEC("raw_tp/sched_wakeup_new")
+int BPF_PROG(raw_tp_wakeup_new, struct task_struct *p)
+{ return runq_enqueued(p); }
+
+SEC("raw_tp/sched_switch")
+int BPF_PROG(raw_tp_switch, bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state)
+{ return on_switch(prev, next, prev_state); }
