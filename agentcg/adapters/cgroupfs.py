@@ -288,7 +288,10 @@ class CgroupFs:
 
     def write(self, rel: str, name: str, value: str, reason: str = "") -> tuple[str | None, str]:
         """Write one interface file, logging old -> new and why."""
-        old = self.read(rel, name)
+        try:
+            old = self.read(rel, name)
+        except OSError:  # write-only files (cgroup.kill) cannot be read
+            old = None
         old_s = None if old is None else old.strip()
         self._write(rel, name, value)
         self.log.info("%s %s -> %s on %s%s", name, old_s if old_s is not None else "-", value,

@@ -1,0 +1,220 @@
+"""The real daemon on this host's cgroup2 tree (no controllers needed):
+placement before exec, accounting, stragglers, ownership, kill -9 restart."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import require_cgroup2
+from agentcg.adapters.cgroupfs import CgroupFs, detect_hierarchy
+from agentcg.client import Client, ProtocolError
+
+pytestmark = pytest.mark.kernel
+
+
+class Agentcgd:
+    def __init__(self, root: Path, runtime: Path, extra_args: list[str] | None = None):
+        self.root, self.runtime = root, runtime
+        self.args = [sys.executable, "-m", "agentcg.daemon.app", "--cgroup-root", str(root),
+                     "--runtime-dir", str(runtime), "--no-require-controllers", "--log-level", "warning",
+                     *(extra_args or [])]
+        self.proc: subprocess.Popen | None = None
+        self.socket = str(runtime / "agentcg.sock")
+
+    def start(self) -> "Agentcgd":
+        try:
+            os.unlink(self.socket)
+        except FileNotFoundError:
+            pass
+        self.proc = subprocess.Popen(self.args, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(self.socket):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agentcgd exited: {self.proc.stderr.read().decode()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("agentcgd did not start listening")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def daemon(request):
+    mnt = require_cgroup2()
+    tag = f"agentcg-test-{os.getpid()}-{request.node.name[:20]}"
+    root = mnt / tag
+    runtime = Path("/tmp") / tag
+    runtime.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(runtime, 0o755)
+    d = Agentcgd(root, runtime).start()
+    yield d
+    d.stop(signal.SIGKILL)
+    fs = CgroupFs(root)
+    for rel in [c for c in fs.children("") if c.startswith("s-")]:
+        fs.kill(rel)
+        fs.wait_unpopulated(rel, 5)
+        fs.remove_tree(rel)
+    fs.remove_tree("")
+    shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_command_runs_inside_its_call_cgroup_from_its_first_instruction(daemon):
+    c = Client(daemon.socket)
+    with c.session("place") as s:
+        with s.tool_call("cat") as call:
+            r = call.run(["cat", "/proc/self/cgroup"], stdout=subprocess.PIPE)
+        # cat printed its own cgroup: it was placed before it was exec'd
+        line = [ln for ln in r.stdout.decode().splitlines() if ln.startswith("0::")][0]
+        mount = detect_hierarchy().cgroup2_mount
+        assert mount + line[3:] == str(daemon.root / "s-place" / "c-1")
+        assert r.exit_status == 0 and r.call == 1
+        assert r.stats["cpu_usage_usec"] > 0 and r.stats["wall_ns"] > 0
+        assert not (daemon.root / "s-place" / "c-1").exists()     # removed at the end
+        r2 = s.run(["sh", "-c", "exit 7"])
+        assert r2.exit_status == 7 and r2.call == 2
+        r3 = s.run(["sh", "-c", "kill -KILL $$"])
+        assert r3.exit_status == 137
+    assert not (daemon.root / "s-place").exists()
+    events = [e["type"] for e in c.events() if e.get("session") == "place"]
+    assert events == ["session.create"] + ["call.start", "call.end"] * 3 + ["session.end"]
+
+
+def test_stragglers_are_killed_and_reported(daemon):
+    c = Client(daemon.socket)
+    with c.session("strag") as s:
+        r = s.run(["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"], stdout=subprocess.PIPE)
+        bg = int(r.stdout.split()[0])
+        assert r.stats["stragglers"] == 1 and r.stats["stragglers_action"] == "killed"
+        assert [f["kind"] for f in r.feedback] == ["stragglers_killed"]
+        for _ in range(100):
+            if not Path(f"/proc/{bg}").exists() or "Z" in Path(f"/proc/{bg}/stat").read_text().split()[2]:
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail(f"straggler {bg} still runs")
+
+
+def _as_nobody(fn) -> int:
+    """Run fn() in a forked child with uid/gid 65534; its exit code."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            code = fn()
+        except BaseException as exc:  # report, never return into pytest
+            print("child error:", repr(exc), file=sys.stderr)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_second_uid_cannot_touch_first_uids_session(daemon):
+    c = Client(daemon.socket)
+    s = c.session("owned", uid=0)
+    running = s.tool_call("sleep").popen(["sleep", "30"])
+    try:
+        def intruder() -> int:
+            other = Client(daemon.socket)
+            denied = 0
+            for op, fields in [("session.show", {"name": "owned"}),
+                               ("session.end", {"name": "owned", "force": True}),
+                               ("call.end", {"session": "owned", "call": running.number}),
+                               ("call.start", {"session": "owned", "pid": os.getpid()}),
+                               ("session.attach", {"name": "owned", "pid": os.getpid()})]:
+                try:
+                    other.request(op, **fields)
+                except ProtocolError as exc:
+                    denied += exc.code == "forbidden"
+            if other.sessions():                      # nobody sees root's sessions
+                return 10
+            if any(e.get("session") == "owned" for e in other.events()):
+                return 11
+            # nobody may not move root's process into nobody's own session
+            other.session("mine")
+            try:
+                other.request("call.start", session="mine", pid=1)
+                return 12
+            except ProtocolError as exc:
+                if exc.code != "bad_pid":
+                    return 13
+            other.request("session.end", name="mine")
+            return 0 if denied == 5 else 20 + denied
+        assert _as_nobody(intruder) == 0
+        assert running.proc.poll() is None            # root's call still runs
+        assert [x["name"] for x in c.sessions()] == ["owned"]
+    finally:
+        running.kill()
+        r = running.wait()
+        s.end()
+    assert r.exit_status == 137
+
+
+def test_kill_9_mid_call_then_restart_accounts_the_call(daemon):
+    c = Client(daemon.socket)
+    s = c.session("crash")
+    h = s.tool_call("sleep").popen(["sh", "-c", "sleep 1.5; exit 3"])
+    call_dir = daemon.root / "s-crash" / f"c-{h.number}"
+    assert call_dir.is_dir()
+    daemon.stop(signal.SIGKILL)
+    assert h.proc.poll() is None                      # the tool call keeps running
+    daemon.start()
+    r = h.wait()                                       # reconnects; the new daemon accounts it
+    assert r.exit_status == 3
+    assert r.stats["wall_ns"] >= 1_400_000_000
+    assert r.stats["cpu_usage_usec"] is not None
+    assert not call_dir.exists()
+    log = [json.loads(x) for x in (daemon.runtime / "events.jsonl").read_text().splitlines()]
+    ends = [e for e in log if e["type"] == "call.end" and e["session"] == "crash"]
+    assert len(ends) == 1 and ends[0]["call"] == h.number
+    # the restarted daemon still knows the session and numbers calls on
+    assert s.run(["true"]).call == h.number + 1
+    s.end()
+    assert not (daemon.root / "s-crash").exists()
+
+
+def test_orphaned_call_is_finalised_when_its_processes_exit(daemon):
+    code = subprocess.run([sys.executable, "-c", f"""
+import sys
+from agentcg.client import Client
+c = Client({daemon.socket!r})
+s = c.session("orphan")
+h = s.tool_call("sleep").popen(["sleep", "0.5"])
+print(h.number)
+"""], capture_output=True, text=True, timeout=30)
+    assert code.returncode == 0, code.stderr
+    call_dir = daemon.root / "s-orphan" / f"c-{code.stdout.strip()}"
+    deadline = time.monotonic() + 10
+    while call_dir.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not call_dir.exists()
+    ev = [e for e in Client(daemon.socket).events(session="orphan") if e["type"] == "call.end"]
+    assert ev and ev[0]["reason"] == "processes exited; client gone"
+
+
+def test_refuses_hybrid_host_with_the_fix(tmp_path):
+    require_cgroup2()
+    info = detect_hierarchy()
+    if info.refusal(["cpu", "memory", "pids"]) is None:
+        pytest.skip("this host has cgroup v2 controllers: nothing to refuse")
+    out = subprocess.run([sys.executable, "-m", "agentcg.daemon.app", "--runtime-dir", str(tmp_path),
+                          "--cgroup-root", f"{info.cgroup2_mount}/agentcg-refuse-{os.getpid()}"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 3
+    assert "refusing to start" in out.stderr and "cgroup_no_v1=all" in out.stderr
+    assert not Path(f"{info.cgroup2_mount}/agentcg-refuse-{os.getpid()}").exists()
