@@ -1,0 +1,522 @@
+"""OpenAI-compatible HTTP API of the inference worker (FastAPI on uvicorn).
+
+Routes:
+    POST /v1/chat/completions   chat, streaming (SSE) or not
+    POST /v1/completions        plain completions, streaming (SSE) or not
+    GET  /v1/models             the one model this worker serves
+    GET  /health                200 once the engine runs
+    GET  /agentcg/stats         the engine's stats (read-only; control ops live on the Unix socket)
+
+Turns of one agent are tied together by a session id in the `X-Agentcg-Session`
+request header (`X-Session-Id` is accepted too): the engine then keeps the
+session's KV blocks after a turn and reuses them as the prefix of the next one.
+A streaming client that goes away mid-answer has its request aborted at once,
+which frees its KV blocks.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from agentcg.worker.async_engine import AsyncEngine, EngineClosed, RequestStream
+
+log = logging.getLogger("agentcg.worker")
+
+SESSION_HEADERS = ("x-agentcg-session", "x-session-id")
+SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+MAX_BODY_BYTES = 32 * 1024 * 1024
+MAX_STOP_STRINGS = 4
+DEFAULT_COMPLETION_MAX_TOKENS = 16      # OpenAI's default for /v1/completions
+DEFAULT_CHAT_MAX_TOKENS = 1024          # when the model's context length is unknown
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+# Fields this worker does not implement, with the values that mean "off".
+UNSUPPORTED_FIELDS = {
+    "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,), "logit_bias": ({},),
+    "best_of": (1,), "seed": (), "suffix": ("",), "tools": ([],), "response_format": ({"type": "text"},),
+}
+
+
+class ApiError(Exception):
+    """An error answered with an OpenAI-style body."""
+
+    def __init__(self, message: str, *, param: str | None = None, status: int = 400,
+                 type_: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.status = status
+        self.type = type_
+        self.code = code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type,
+                          "param": self.param, "code": self.code}}
+
+
+# ---------------------------------------------------------------------------
+# request validation (each error names the field and the value)
+
+def _field(body: dict, name: str, types: tuple, default: Any, what: str) -> Any:
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) and bool not in types:
+        raise ApiError(f"{name}: expected {what}, got {v!r}", param=name)
+    if not isinstance(v, types):
+        raise ApiError(f"{name}: expected {what}, got {type(v).__name__} {_short(v)}", param=name)
+    return v
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
+def _require_unsupported(body: dict, name: str, ok: Any, why: str) -> None:
+    v = body.get(name)
+    if v is not None and v != ok:
+        raise ApiError(f"{name}: {why} (got {_short(v)})", param=name)
+
+
+def parse_sampling(body: dict, *, chat: bool, prompt_len: int, max_model_len: int | None) -> dict:
+    """Common generation fields -> dict(max_tokens, temperature, stop, stream, include_usage)."""
+    stream = _field(body, "stream", (bool,), False, "true or false")
+    stream_options = _field(body, "stream_options", (dict,), {}, "an object")
+    include_usage = _field(stream_options, "include_usage", (bool,), False, "true or false")
+
+    temperature = float(_field(body, "temperature", (int, float), 1.0, "a number from 0 to 2"))
+    if not 0.0 <= temperature <= 2.0:
+        raise ApiError(f"temperature: must be between 0 and 2, got {temperature}", param="temperature")
+
+    key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    room = None if max_model_len is None else max_model_len - prompt_len
+    if room is not None and room < 1:
+        raise ApiError(f"the prompt is {prompt_len} tokens, which fills the model's context of "
+                       f"{max_model_len} tokens", param="messages" if chat else "prompt",
+                       code="context_length_exceeded")
+    if chat:
+        default = room if room is not None else DEFAULT_CHAT_MAX_TOKENS
+    else:
+        default = DEFAULT_COMPLETION_MAX_TOKENS if room is None else min(DEFAULT_COMPLETION_MAX_TOKENS, room)
+    max_tokens = _field(body, key, (int,), default, "a positive integer")
+    if max_tokens < 1:
+        raise ApiError(f"{key}: must be at least 1, got {max_tokens}", param=key)
+    if room is not None and max_tokens > room:
+        raise ApiError(f"{key}: the prompt ({prompt_len} tokens) plus {key} ({max_tokens}) exceeds "
+                       f"the model's context of {max_model_len} tokens", param=key,
+                       code="context_length_exceeded")
+
+    stop = body.get("stop")
+    if stop is None:
+        stops: list[str] = []
+    elif isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stops = list(stop)
+    else:
+        raise ApiError(f"stop: expected a string or a list of strings, got {_short(stop)}", param="stop")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ApiError(f"stop: at most {MAX_STOP_STRINGS} strings, got {len(stops)}", param="stop")
+    if any(s == "" for s in stops):
+        raise ApiError("stop: empty strings are not allowed", param="stop")
+
+    n = _field(body, "n", (int,), 1, "an integer")
+    if n != 1:
+        raise ApiError(f"n: only 1 choice per request is supported, got {n}", param="n")
+    _require_unsupported(body, "top_p", 1, "only 1 (no nucleus sampling) is supported")
+    for name in ("presence_penalty", "frequency_penalty"):
+        _require_unsupported(body, name, 0, "penalties are not supported; use 0")
+    for name, harmless in UNSUPPORTED_FIELDS.items():
+        v = body.get(name)
+        if v is not None and not any(v == h and type(v) is type(h) for h in harmless):
+            raise ApiError(f"{name}: not supported by this worker (got {_short(v)})", param=name)
+    return {"max_tokens": max_tokens, "temperature": temperature, "stop": stops,
+            "stream": stream, "include_usage": include_usage}
+
+
+def _message_text(i: int, msg: Any) -> dict:
+    if not isinstance(msg, dict):
+        raise ApiError(f"messages[{i}]: expected an object, got {_short(msg)}", param=f"messages[{i}]")
+    role = msg.get("role")
+    if role not in CHAT_ROLES:
+        raise ApiError(f"messages[{i}].role: expected one of {', '.join(CHAT_ROLES)}, got {role!r}",
+                       param=f"messages[{i}].role")
+    content = msg.get("content")
+    if content is None:
+        content = ""
+    elif isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            else:
+                raise ApiError(f"messages[{i}].content[{j}]: only text parts are supported, got {_short(part)}",
+                               param=f"messages[{i}].content")
+        content = "".join(parts)
+    elif not isinstance(content, str):
+        raise ApiError(f"messages[{i}].content: expected a string or a list of text parts, "
+                       f"got {_short(content)}", param=f"messages[{i}].content")
+    return {"role": "system" if role == "developer" else role, "content": content}
+
+
+def parse_messages(body: dict) -> list[dict]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise ApiError(f"messages: expected a non-empty list of messages, got {_short(msgs)}",
+                       param="messages")
+    return [_message_text(i, m) for i, m in enumerate(msgs)]
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a prompt text, starting with the model's BOS token when it has one."""
+    if getattr(tokenizer, "bos_token_id", None) is not None:
+        try:
+            return list(tokenizer.encode(text, add_bos=True))
+        except TypeError:
+            pass
+    return list(tokenizer.encode(text))
+
+
+def parse_prompt(body: dict, tokenizer: Any, vocab_size: int | None) -> list[int]:
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]                              # a batch of one
+    if isinstance(p, str):
+        ids = encode_text(tokenizer, p)
+    elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        ids = list(p)
+        bad = [t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+        if bad:
+            raise ApiError(f"prompt: token id {bad[0]} is outside the vocabulary of {vocab_size}", param="prompt")
+    elif isinstance(p, list) and len(p) > 1:
+        raise ApiError(f"prompt: a batch of {len(p)} prompts is not supported; send one request per prompt",
+                       param="prompt")
+    else:
+        raise ApiError(f"prompt: expected a string or a list of token ids, got {_short(p)}", param="prompt")
+    if not ids:
+        raise ApiError("prompt: encodes to no tokens", param="prompt")
+    return ids
+
+
+def session_from_headers(headers: Any) -> str | None:
+    for name in SESSION_HEADERS:
+        v = headers.get(name)
+        if v is not None:
+            if not SESSION_RE.match(v):
+                raise ApiError(f"{name} header: session id {_short(v)} must match {SESSION_RE.pattern}",
+                               param=name)
+            return v
+    return None
+
+
+# ---------------------------------------------------------------------------
+# token ids -> text, with stop strings
+
+class TextAssembler:
+    """Turns generated token ids into text deltas, honouring stop strings.
+
+    Holds back text that could still turn into a stop string and trailing
+    bytes of an incomplete UTF-8 character, so that streaming and
+    non-streaming answers are the same text.
+    """
+
+    def __init__(self, tokenizer: Any, stop: list[str]):
+        self._tok = tokenizer
+        self._stop = stop
+        self.ids: list[int] = []
+        self.text = ""        # everything emitted so far
+        self.stopped = False  # a stop string was found
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        full = self._tok.decode(self.ids)
+        safe = full.rstrip("\ufffd")          # an incomplete multi-byte character
+        return self._emit(safe, final=False)
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        return self._emit(self._tok.decode(self.ids), final=True)
+
+    def _emit(self, full: str, final: bool) -> str:
+        start = len(self.text)
+        if self._stop:
+            search_from = max(0, start - max(len(s) for s in self._stop))
+            hits = [i for i in (full.find(s, search_from) for s in self._stop) if i >= 0]
+            if hits:
+                cut = min(hits)
+                self.stopped = True
+                delta = full[start:cut] if cut > start else ""
+                self.text += delta
+                return delta
+        end = len(full)
+        if not final:
+            for s in self._stop:
+                for k in range(min(len(s) - 1, end - start), 0, -1):
+                    if full.endswith(s[:k]):
+                        end = min(end, len(full) - k)
+                        break
+        delta = full[start:end] if end > start else ""
+        self.text += delta
+        return delta
+
+
+# ---------------------------------------------------------------------------
+# the app
+
+class AbortingStreamingResponse(StreamingResponse):
+    """A streaming response that aborts its request however the stream ends."""
+
+    def __init__(self, content: AsyncIterator[str], request_stream: RequestStream, **kw):
+        super().__init__(content, **kw)
+        self._rs = request_stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._rs.close()     # no-op when the request finished
+
+
+def _sse(obj: dict) -> str:
+    return "data: " + json.dumps(obj, separators=(",", ":")) + "\n\n"
+
+
+def create_app(aeng: AsyncEngine, *, model_name: str | None = None, control=None,
+               api_key: str | None = None) -> FastAPI:
+    """The FastAPI app around a started AsyncEngine.
+
+    control: an optional object with async start()/close() (the control socket
+    server), run for the lifetime of the app.
+    """
+    engine = aeng.engine
+    tokenizer = engine.tokenizer
+    served = model_name or str(getattr(engine, "model_name", "model"))
+    max_model_len = _engine_max_len(engine)
+    vocab_size = _vocab_size(engine)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    created = int(time.time())
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if control is not None:
+            await control.start()
+        try:
+            yield
+        finally:
+            if control is not None:
+                await control.close()
+
+    app = FastAPI(title="agentcg inference worker", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.aeng = aeng
+    app.state.model_name = served
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_req: HttpRequest, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.middleware("http")
+    async def _auth(req: HttpRequest, call_next):
+        if api_key is not None and req.url.path.startswith(("/v1/", "/agentcg/")):
+            if req.headers.get("authorization") != f"Bearer {api_key}":
+                e = ApiError("missing or wrong API key in the Authorization header", status=401,
+                             type_="authentication_error", code="invalid_api_key")
+                return JSONResponse(e.body(), status_code=401)
+        return await call_next(req)
+
+    async def read_body(req: HttpRequest) -> dict:
+        raw = await req.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(f"request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}", status=413)
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            raise ApiError(f"request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(f"request body: expected a JSON object, got {type(body).__name__}")
+        model = body.get("model")
+        if model is not None and model != served:
+            raise ApiError(f"model: this worker serves {served!r}, not {_short(model)}", param="model",
+                           status=404, code="model_not_found")
+        return body
+
+    async def start(prompt_ids: list[int], sp: dict, session: str | None) -> RequestStream:
+        from agentcg.worker.engine import Request  # torch-side import, only when serving
+
+        req = Request(
+            request_id=uuid.uuid4().hex,
+            prompt_token_ids=prompt_ids,
+            max_tokens=sp["max_tokens"],
+            session_id=session,
+            temperature=sp["temperature"],
+            stop_token_ids=(eos,) if eos is not None else (),
+        )
+        try:
+            return await aeng.submit(req)
+        except ValueError as e:
+            raise ApiError(str(e)) from None
+        except EngineClosed as e:
+            raise ApiError(str(e), status=503, type_="server_error") from None
+
+    async def events(rs: RequestStream, asm: TextAssembler) -> AsyncIterator[tuple[str, str | None, int]]:
+        """(text delta, finish reason or None, completion tokens so far)."""
+        n = 0
+        async for ev in rs:
+            tid = ev.token_id
+            delta = ""
+            stop_token = ev.finished and ev.finish_reason == "stop" and tid == eos
+            if tid is not None and tid >= 0:
+                n += 1
+                if not stop_token:
+                    delta = asm.add(tid)
+            if asm.stopped:
+                rs.close()                       # a stop string: end it here
+                yield delta, "stop", n
+                return
+            if ev.finished:
+                delta += asm.finish()
+                yield delta, ("stop" if ev.finish_reason == "stop" else
+                              "length" if ev.finish_reason == "length" else "abort"), n
+                return
+            if delta:
+                yield delta, None, n
+
+    def usage(prompt_len: int, n: int) -> dict:
+        return {"prompt_tokens": prompt_len, "completion_tokens": n, "total_tokens": prompt_len + n}
+
+    async def complete(kind: str, body: dict, prompt_ids: list[int], sp: dict, session: str | None):
+        chat = kind == "chat"
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        obj = "chat.completion" if chat else "text_completion"
+        now = int(time.time())
+        rs = await start(prompt_ids, sp, session)
+        asm = TextAssembler(tokenizer, sp["stop"])
+        headers = {"X-Agentcg-Session": session} if session else {}
+
+        if not sp["stream"]:
+            finish, n = None, 0
+            try:
+                async for _delta, finish, n in events(rs, asm):
+                    pass
+            except Exception as e:
+                raise ApiError(f"generation failed: {e}", status=500, type_="server_error") from None
+            finally:
+                rs.close()
+            choice: dict = {"index": 0, "finish_reason": finish, "logprobs": None}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": asm.text}
+            else:
+                choice["text"] = asm.text
+            return JSONResponse({"id": rid, "object": obj, "created": now, "model": served,
+                                 "choices": [choice], "usage": usage(len(prompt_ids), n)},
+                                headers=headers)
+
+        def chunk(delta: str | None, finish: str | None, first: bool = False) -> dict:
+            if chat:
+                d: dict = {}
+                if first:
+                    d["role"] = "assistant"
+                if delta is not None:
+                    d["content"] = delta
+                c = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+                o = "chat.completion.chunk"
+            else:
+                c = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+                o = "text_completion"
+            out = {"id": rid, "object": o, "created": now, "model": served, "choices": [c]}
+            if sp["include_usage"]:
+                out["usage"] = None
+            return out
+
+        async def sse() -> AsyncIterator[str]:
+            n = 0
+            try:
+                if chat:
+                    yield _sse(chunk("", None, first=True))
+                async for delta, finish, n in events(rs, asm):
+                    if finish is None:
+                        yield _sse(chunk(delta, None))
+                    else:
+                        if delta:
+                            yield _sse(chunk(delta, None))
+                        yield _sse(chunk(None if chat else "", finish))
+                if sp["include_usage"]:
+                    yield _sse({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                                "created": now, "model": served, "choices": [],
+                                "usage": usage(len(prompt_ids), n)})
+            except Exception as e:  # noqa: BLE001 - reported in-band, the status is already sent
+                log.warning("stream %s failed: %s", rid, e)
+                err = ApiError(f"generation failed: {e}", status=500, type_="server_error")
+                yield _sse(err.body())
+            yield "data: [DONE]\n\n"
+
+        return AbortingStreamingResponse(sse(), rs, media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", **headers})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: HttpRequest):
+        body = await read_body(req)
+        session = session_from_headers(req.headers)
+        messages = parse_messages(body)
+        rendered = tokenizer.apply_chat_template(messages)
+        prompt_ids = encode_text(tokenizer, rendered) if isinstance(rendered, str) else list(rendered)
+        sp = parse_sampling(body, chat=True, prompt_len=len(prompt_ids), max_model_len=max_model_len)
+        return await complete("chat", body, prompt_ids, sp, session)
+
+    @app.post("/v1/completions")
+    async def completions(req: HttpRequest):
+        body = await read_body(req)
+        session = session_from_headers(req.headers)
+        prompt_ids = parse_prompt(body, tokenizer, vocab_size)
+        sp = parse_sampling(body, chat=False, prompt_len=len(prompt_ids), max_model_len=max_model_len)
+        return await complete("completion", body, prompt_ids, sp, session)
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": served, "object": "model", "created": created, "owned_by": "agentcg"}
+        if max_model_len is not None:
+            card["max_model_len"] = max_model_len
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health():
+        if not aeng.running:
+            return JSONResponse({"status": "stopped"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/agentcg/stats")
+    async def stats():
+        try:
+            return await aeng.stats()
+        except EngineClosed as e:
+            raise ApiError(str(e), status=503, type_="server_error") from None
+
+    return app
+
+
+def _engine_max_len(engine: Any) -> int | None:
+    for obj, name in ((engine, "max_model_len"), (engine, "max_seq_len"),
+                      (getattr(engine, "model_config", None), "max_seq_len"),
+                      (getattr(engine, "shape", None), "max_positions")):
+        v = getattr(obj, name, None) if obj is not None else None
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _vocab_size(engine: Any) -> int | None:
+    for obj in (engine.tokenizer, getattr(engine, "shape", None), getattr(engine, "model_config", None)):
+        v = getattr(obj, "vocab_size", None) if obj is not None else None
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
