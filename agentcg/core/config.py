@@ -74,6 +74,7 @@ class Config:
     default_grant: Grant = field(default_factory=Grant)
     root_grant: Grant = field(default_factory=lambda: Grant(max_priority=PRIORITY_MAX))
     grants: Mapping[int, Grant] = field(default_factory=dict)
+    policy: Mapping[str, Any] | None = None  # the [policy] table; parsed by agentcg.core.policy.load_ruleset
 
     def grant_for(self, uid: int) -> Grant:
         """The grant of `uid`: its own table, else root's (uid 0), else the default."""
@@ -105,7 +106,7 @@ def parse_config(text: str) -> Config:
 
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:
-    _only(data, ("daemon", "defaults", "grants"), "")
+    _only(data, ("daemon", "defaults", "grants", "policy"), "")
     daemon = _daemon(data.get("daemon", {}))
     defaults = data.get("defaults", {})
     _table(defaults, "defaults")
@@ -137,7 +138,21 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
         grants = {uid: _grant(grants_tbl[str(uid)], f"grants.{uid}", default_grant)
                   for uid in grants}
     return Config(daemon=daemon, session_defaults=session_defaults, call_defaults=call_defaults,
-                  default_grant=default_grant, root_grant=root_grant, grants=grants)
+                  default_grant=default_grant, root_grant=root_grant, grants=grants,
+                  policy=_policy(data.get("policy")))
+
+
+def _policy(tbl: Any) -> Mapping[str, Any] | None:
+    """Validate the [policy] table now, so that a bad rule fails at load time."""
+    if tbl is None:
+        return None
+    from agentcg.core.policy import PolicyConfigError, load_ruleset
+    try:
+        load_ruleset(tbl)
+    except PolicyConfigError as exc:
+        field_name, _, why = str(exc).partition(": ")
+        raise ConfigError(field_name, tbl, why) from None
+    return dict(tbl)
 
 
 def load_config_text(path: str, text: str | None) -> Config:
