@@ -50,6 +50,7 @@ class ControlError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.request_id: Any = None
 
 
 # ---------------------------------------------------------------------------
@@ -81,13 +82,24 @@ def _nbytes(req: dict) -> int:
 
 
 def parse_request(line: bytes) -> tuple[Any, str, dict]:
-    """One request line -> (id, op, validated arguments). Raises ControlError."""
+    """One request line -> (id, op, validated arguments).
+
+    Raises ControlError; its request_id is the request's id when it had one.
+    """
     try:
         req = json.loads(line)
     except ValueError as e:
         raise ControlError("bad_json", f"request is not valid JSON: {e}") from None
     if not isinstance(req, dict):
         raise ControlError("bad_request", f"request: expected a JSON object, got {type(req).__name__}")
+    try:
+        return _parse_fields(req)
+    except ControlError as e:
+        e.request_id = req.get("id")
+        raise
+
+
+def _parse_fields(req: dict) -> tuple[Any, str, dict]:
     rid = req.get("id")
     if req.get("v") != PROTOCOL_VERSION:
         raise ControlError("bad_version", f"v: this worker speaks version {PROTOCOL_VERSION}, got {req.get('v')!r}")
@@ -219,7 +231,7 @@ class ControlServer:
             rid, op, args = parse_request(line)
             result = await self.dispatch(op, args)
         except ControlError as e:
-            return error_reply(rid, e.code, e.message)
+            return error_reply(rid if rid is not None else e.request_id, e.code, e.message)
         except (ValueError, KeyError) as e:
             # The engine refused (unknown session, not enough free blocks, ...).
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
