@@ -1,0 +1,173 @@
+"""The policy loop: kernel signals -> snapshot -> decide -> executor.
+
+A daemon hook (see hooks.py). It watches every session's memory.pressure with
+a PSI trigger and every session's and tool call's memory.events (a
+memory.high breach wakes it at once), builds a snapshot from the cgroup tree
+when something fires (or when a call starts, or when the ladder asked to look
+again), hands it to the pure core and applies the actions through the
+executor, the only writer. Keeps the last actions for `agentcg status`.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import Any
+
+from agentcg.adapters.cgroupfs import CgroupFs
+from agentcg.adapters.executor import Applied, Executor
+from agentcg.adapters.psi import PsiUnsupported, SignalWatch, read_psi
+from agentcg.core.policy import (
+    CallView, CgroupView, HostView, MemEvents, PolicyState, Psi, Ruleset, SessionView, Snapshot,
+    TriggerEvent, load_ruleset, plan,
+)
+
+log = logging.getLogger("agentcg.policy")
+IDLE_TICK_S = 1.0  # only for calm-down bookkeeping; pressure and breaches wake the loop at once
+
+
+def _int(text: str | None, default: int | None = None) -> int | None:
+    if text is None:
+        return default
+    text = text.strip()
+    if text == "max" or not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return default
+
+
+def _events(text: str | None) -> MemEvents:
+    kv = {}
+    for line in (text or "").splitlines():
+        k, _, v = line.partition(" ")
+        try:
+            kv[k] = int(v)
+        except ValueError:
+            pass
+    return MemEvents(kv.get("low", 0), kv.get("high", 0), kv.get("max", 0), kv.get("oom", 0), kv.get("oom_kill", 0))
+
+
+class PolicyLoop:
+    name = "policy"
+
+    def __init__(self, cgfs: CgroupFs, ruleset: Ruleset, *, dry_run: bool = False, keep_last: int = 50,
+                 psi_stall_us: int = 10_000, psi_window_us: int = 500_000):
+        self.cgfs = cgfs
+        self.ruleset = ruleset
+        self.dry_run = dry_run or ruleset.dry_run
+        self.executor = Executor(cgfs)
+        self.watch = SignalWatch()
+        self.state = PolicyState()
+        self.last: collections.deque[Applied] = collections.deque(maxlen=keep_last)
+        self.sessions: dict[str, Any] = {}
+        self.prev_events: dict[str, MemEvents] = {}
+        self.call_notes: dict[str, list[dict]] = {}
+        self.psi_stall_us = psi_stall_us
+        self.psi_window_us = psi_window_us
+        self.ticks = 0
+        self.wake_in_ns: int | None = None
+        self._pending: dict[str, list[TriggerEvent]] = {}
+        self.watch.watch_file("", cgfs.path(""), "memory.events")
+
+    # -- hook surface
+    def on_session_create(self, session, path) -> None:
+        self.sessions[session.name] = session
+        rel = session.rel
+        try:
+            self.watch.watch_pressure(rel, path, stall_us=self.psi_stall_us, window_us=self.psi_window_us)
+        except PsiUnsupported as exc:
+            log.warning("no PSI trigger on %s: %s", rel, exc)
+        self.watch.watch_file(rel, path, "memory.events")
+
+    def on_session_end(self, session, path) -> None:
+        self.sessions.pop(session.name, None)
+        self.watch.unwatch(session.rel)
+
+    def on_call_start(self, session, call, path) -> None:
+        self.sessions[session.name] = session
+        self.watch.watch_file(call.rel, path, "memory.events")
+        self.tick([])  # initial marks before the tool runs
+
+    def on_call_end(self, session, call, path) -> dict:
+        self.watch.unwatch(call.rel)
+        self.prev_events.pop(call.rel, None)
+        notes = self.call_notes.pop(call.rel, [])
+        if not notes:
+            return {}
+        killed = any(n["kind"] == "kill" for n in notes)
+        feedback = [n["feedback"] for n in notes if n.get("feedback")]
+        return {"policy": {"killed": killed, "froze": any(n["kind"] == "freeze" for n in notes),
+                           "feedback": feedback, "actions": [n["line"] for n in notes][-10:]}}
+
+    def status(self) -> dict:
+        return {"dry_run": self.dry_run, "rules": self.ruleset.names(), "ladder_level": self.state.level,
+                "frozen": list(self.state.frozen), "ticks": self.ticks,
+                "last_actions": [a.to_dict() for a in self.last]}
+
+    async def run(self, daemon) -> None:
+        while True:
+            timeout = IDLE_TICK_S if self.wake_in_ns is None else max(0.001, self.wake_in_ns / 1e9)
+            signals = await self.watch.wait(timeout)
+            self.tick(signals)
+
+    def close(self) -> None:
+        self.watch.close()
+
+    # -- read, decide, act
+    def _cg(self, rel: str, full: bool = True) -> CgroupView:
+        r = self.cgfs.read
+        cur = _int(r(rel, "memory.current"), 0) or 0
+        if not full:
+            return CgroupView(rel, cur)
+        ev = _events(r(rel, "memory.events"))
+        delta = ev.minus(self.prev_events.get(rel, ev)) if rel in self.prev_events else MemEvents()
+        self.prev_events[rel] = ev
+        psi = read_psi(r(rel, "memory.pressure"))
+        some, fullp = psi.get("some", {}), psi.get("full", {})
+        frozen = (r(rel, "cgroup.freeze") or "0").strip() == "1"
+        return CgroupView(
+            rel, cur, _int(r(rel, "memory.high")), _int(r(rel, "memory.max")), _int(r(rel, "memory.low"), 0) or 0,
+            Psi(some.get("avg10", 0.0), fullp.get("avg10", 0.0), int(some.get("total", 0)), int(fullp.get("total", 0))),
+            tuple(self._pending.pop(rel, [])), delta, frozen,
+            _int(r(rel, "cpu.weight")), (r(rel, "cpu.max") or "").strip() or None)
+
+    def snapshot(self) -> Snapshot:
+        host_cg = self._cg("")
+        sessions = []
+        for s in list(self.sessions.values()):
+            if not self.cgfs.exists(s.rel):
+                continue
+            calls = []
+            for n, c in sorted(s.calls.items()):
+                cmd = " ".join(c.argv) if c.argv else c.name
+                calls.append(CallView(s.name, f"c-{n}", self._cg(c.rel), started_ns=c.start_ns,
+                                      intent_memory_bytes=c.intent.memory_bytes,
+                                      intent_memory_max_bytes=c.intent.memory_max_bytes,
+                                      cpu_class=c.intent.cpu_class, blocking=True, cmd=cmd))
+            sessions.append(SessionView(
+                s.name, self._cg(s.rel), s.intent.priority or 0, self._cg(f"{s.rel}/agent", full=False),
+                tuple(calls), s.intent.memory_bytes, s.intent.memory_max_bytes, s.intent.cpu_class))
+        budget = host_cg.memory_max_bytes
+        return Snapshot(time.monotonic_ns(), HostView(host_cg, budget), tuple(sessions), self.state)
+
+    def tick(self, signals) -> list[Applied]:
+        for sig in signals:
+            if sig.source == "psi":
+                self._pending.setdefault(sig.key, []).append(TriggerEvent(sig.kind, sig.stall_us, sig.window_us))
+        snap = self.snapshot()
+        decision = plan(snap, self.ruleset)
+        self.state = decision.state
+        self.wake_in_ns = decision.wake_in_ns
+        self.ticks += 1
+        done = []
+        for action in decision.actions:
+            applied = self.executor.apply(action, dry_run=self.dry_run)
+            self.last.append(applied)
+            done.append(applied)
+            if "/c-" in action.target:
+                self.call_notes.setdefault(action.target, []).append(
+                    {"kind": action.kind, "line": applied.line(), "feedback": action.feedback})
+        return done
