@@ -54,6 +54,8 @@ def build(config: Config, *, root: str | None = None, mount: str | None = None,
     cgfs = CgroupFs(root or config.daemon.cgroup_root)
     hooks = Hooks()
     # -- extension hooks: add one line per hook below --------------------------
+    from agentcg.adapters.bpf import BpfHook
+    hooks.add(BpfHook(cgfs.root, escape_action="kill" if config.daemon.straggler_policy == "kill" else "keep"))
     from .policy import PolicyLoop, load_ruleset
     hooks.add(PolicyLoop(cgfs, load_ruleset(config.policy)))
     return Daemon(config, cgfs, hooks, mount=mount, hierarchy=hierarchy)

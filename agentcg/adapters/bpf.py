@@ -23,7 +23,7 @@ from agentcg.adapters.libbpf import (
     BPF_PROG_TYPE_CGROUP_SKB,
     BPF_PROG_TYPE_CGROUP_SOCK,
     BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
-    BPF_PROG_TYPE_TRACING,
+    BPF_PROG_TYPE_RAW_TRACEPOINT,
     BpfObject,
     Libbpf,
     LibbpfError,
@@ -132,8 +132,10 @@ def probe_host(lb: Libbpf | None = None) -> BpfStatus:
         st.reason = "not root: loading BPF programs needs CAP_BPF/CAP_SYS_ADMIN"
         return st
     f = st.features
-    f["tracing"] = Feature("available" if lb.probe_prog_type(BPF_PROG_TYPE_TRACING) else "absent",
-                           "tp_btf / raw_tp programs")
+    # libbpf cannot probe BPF_PROG_TYPE_TRACING (tp_btf) without a BTF target: raw_tp is
+    # probed here, and the tracker tries tp_btf first at load, falling back to raw_tp.
+    f["tracing"] = Feature("available" if lb.probe_prog_type(BPF_PROG_TYPE_RAW_TRACEPOINT) else "absent",
+                           "raw tracepoint programs (tp_btf tried first at load)")
     f["ringbuf"] = Feature("available" if lb.probe_map_type(BPF_MAP_TYPE_RINGBUF) else "absent",
                            "BPF ring buffer (5.8+)")
     cg_ok = all(lb.probe_prog_type(t) for t in (BPF_PROG_TYPE_CGROUP_SOCK, BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
@@ -365,3 +367,279 @@ class NetPolicy:
 
 def attached_names(links: Iterable[Link]) -> list[str]:
     return [l.what for l in links if l.alive]
+
+
+class BpfHook:
+    """agentcgd's eBPF extension (see daemon/hooks.py): process tracking,
+    automatic mode, escapes, per-call kernel stats, network intent.
+
+    Built once in daemon/app.py:build(). Everything it cannot load is reported
+    in status() with the reason; the daemon works without it.
+    """
+
+    name = "bpf"
+
+    def __init__(self, root: str | os.PathLike, *, rules=(), escape_action: str = "keep",
+                 runq: bool = True, network: bool = True, placement_keep: int = 4096):
+        from collections import deque
+
+        from agentcg.core.attribution import Attribution
+
+        self.root = Path(root)
+        self.attr = Attribution(rules=rules, escape_action=escape_action)
+        self.tracker: Tracker | None = None
+        self.net: NetPolicy | None = None
+        self.daemon: Any = None
+        self.placement_ns: deque[int] = deque(maxlen=placement_keep)
+        self.auto_calls = 0
+        self.escapes = 0
+        self.oom_victims: dict[tuple[str, int | None], list[dict]] = {}
+        self._agents: dict[str, int] = {}
+        self._cgids: dict[str, int] = {}          # rel path -> cgroup id
+        self._escaped: dict[tuple[str, int], dict[int, dict]] = {}
+        self.runq, self.network = runq, network
+        self.started = False
+        self.status_ = BpfStatus(reason="not started yet (loads when the daemon listens)")
+
+    def start(self) -> None:
+        """Probe, load and attach (the cgroup root must exist). Idempotent."""
+        if self.started:
+            return
+        self.started = True
+        runq, network = self.runq, self.network
+        self.status_ = probe_host()
+        if not self.status_.available:
+            return
+        feats = self.status_.features
+        if feats.get("tracing", Feature("absent")).state == "available" and \
+                feats.get("ringbuf", Feature("absent")).state == "available":
+            try:
+                self.tracker = Tracker(self.root, runq=runq)
+                feats["tracker"] = Feature("used", f"{self.tracker.flavor} sched_process_fork/exec/exit, "
+                                                   f"mark_victim{', runq latency' if runq else ''}")
+            except (LibbpfError, OSError, KeyError) as exc:
+                feats["tracker"] = Feature("failed", str(exc).splitlines()[0])
+        else:
+            feats["tracker"] = Feature("off", "needs tracing programs and ring buffers")
+        if network and feats.get("cgroup_bpf", Feature("absent")).state == "available":
+            try:
+                self.net = NetPolicy(self.root)
+                feats["netpolicy"] = Feature("used", "cgroup sock_create/connect/sendmsg/bind + skb counters")
+            except (LibbpfError, OSError, KeyError) as exc:
+                feats["netpolicy"] = Feature("failed", str(exc).splitlines()[0])
+        elif network:
+            feats["netpolicy"] = Feature("off", "cgroup BPF programs unavailable: network intent not enforced")
+
+    # -- lifecycle hooks ------------------------------------------------------
+    def _cgid(self, path: Path) -> int | None:
+        try:
+            return cgroup_id(path)
+        except FileNotFoundError:
+            return None
+
+    def on_session_create(self, session, path: Path) -> None:
+        for sub, call in ((path, None), (path / "agent", None)):
+            cg = self._cgid(sub)
+            if cg is not None:
+                self.attr.add_cgroup(cg, session.name, call)
+
+    def on_session_end(self, session, path: Path) -> None:
+        self.attr.session_ended(session.name)
+        self._agents.pop(session.name, None)
+
+    def on_call_start(self, session, call, path: Path) -> None:
+        cg = self._cgid(path)
+        if cg is None:
+            return
+        self._cgids[str(path)] = cg
+        self.attr.add_cgroup(cg, session.name, call.n)
+        self.attr.call_placed(session.name, call.n, [call.pid])
+        mode = getattr(call.intent, "network", None) or "full"
+        if self.net is not None and mode != "full":
+            self.net.set_mode(cg, mode)
+
+    def on_call_end(self, session, call, path: Path) -> dict[str, Any]:
+        cg = self._cgids.pop(str(path), None) or self._cgid(path)
+        out: dict[str, Any] = {}
+        escapes = self.report_escapes(session, call.n)
+        if escapes:
+            out["escapes"] = escapes
+        if cg is None:
+            return out
+        if self.tracker is not None:
+            st = self.tracker.cg_stats(cg)
+            out["proc_count"] = st["forks"] + 1        # the placed root + every process forked in the call
+            out["exec_count"] = st["execs"]
+            out["oom_kills"] = st["oom_kills"]
+            h = self.tracker.runq_hist(cg)
+            out["runq_waits"] = h["count"]
+            out["runq_p50_us"] = h["p50_ns"] / 1000 if h["p50_ns"] is not None else None
+            out["runq_p99_us"] = h["p99_ns"] / 1000 if h["p99_ns"] is not None else None
+            self.tracker.forget_cgroup(cg)
+        victims = self.oom_victims.pop((session.name, call.n), None)
+        if victims:
+            out["oom_victims"] = victims
+        if self.net is not None:
+            ns = self.net.net_stats(cg)
+            out["net_tx_bytes"] = ns["tx_bytes"]
+            out["net_rx_bytes"] = ns["rx_bytes"]
+            out["net_denied"] = ns["denied"]
+            self.net.forget(cg)
+        self.attr.remove_cgroup(cg)
+        self._escaped.pop((session.name, call.n), None)
+        return out
+
+    def report_escapes(self, session, n: int) -> list[dict]:
+        """Processes of call n still alive now: reported once (event call.escape), kept for the stats."""
+        key = (session.name, n)
+        seen = self._escaped.setdefault(key, {})
+        for e in self.attr.call_ended(session.name, n):
+            if e.pid in seen:
+                continue
+            seen[e.pid] = {"pid": e.pid, "comm": e.comm, "cmdline": e.cmdline, "reparented": e.reparented,
+                           "action": e.action, "reason": e.reason}
+            self.escapes += 1
+            if self.daemon is not None:
+                self.daemon.emit({"type": "call.escape", "uid": session.uid, "session": session.name,
+                                  "call": n, **seen[e.pid]})
+        return list(seen.values())
+
+    def status(self) -> dict[str, Any]:
+        st = self.status_
+        if self.tracker is not None:
+            st.events = self.tracker.events
+            st.decode_errors = self.tracker.decode_errors
+            try:
+                st.lost_events = self.tracker.lost_events
+            except LibbpfError:
+                pass
+        st.attached = attached_names((self.tracker.links if self.tracker else []) +
+                                     (self.net.links if self.net else []))
+        d = st.as_dict()
+        d["automatic_mode"] = {"agents": dict(self._agents), "calls": self.auto_calls,
+                               "escapes": self.escapes, "placement": self.placement_summary()}
+        d["tracked_processes"] = len(self.attr)
+        return d
+
+    def placement_summary(self) -> dict[str, Any]:
+        xs = sorted(self.placement_ns)
+        if not xs:
+            return {"count": 0}
+        pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))] / 1000  # noqa: E731
+        return {"count": len(xs), "p50_us": pick(0.50), "p99_us": pick(0.99)}
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
+        if self.net is not None:
+            self.net.close()
+            self.net = None
+
+    # -- the event loop ---------------------------------------------------------
+    async def run(self, daemon) -> None:
+        import asyncio
+
+        self.daemon = daemon
+        self.start()
+        for s in list(daemon.sessions.values()):
+            self.on_session_create(s, daemon.cgfs.path(s.rel))
+            for c in s.calls.values():
+                self.on_call_start(s, c, daemon.cgfs.path(c.rel))
+        if self.tracker is None:
+            return
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        fd = self.tracker.epoll_fd()
+        loop.add_reader(fd, wake.set)
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(wake.wait(), timeout=0.2)
+                except asyncio.TimeoutError:
+                    pass
+                wake.clear()
+                self._sync_agents(daemon)
+                for ev in self.tracker.poll(0):
+                    for d in self.attr.feed(ev):
+                        self._apply(daemon, d)
+        finally:
+            loop.remove_reader(fd)
+
+    def _sync_agents(self, daemon) -> None:
+        """Sessions with attached agent pids are in automatic mode."""
+        for s in list(daemon.sessions.values()):
+            agents = [pid for pid in s.attached if os.path.exists(f"/proc/{pid}")]
+            cur = self._agents.get(s.name)
+            if agents and cur not in agents:
+                cg = self._cgid(daemon.cgfs.path(f"{s.rel}/agent"))
+                if cg is not None:
+                    self.attr.add_cgroup(cg, s.name, None)
+                    self.attr.register_agent(s.name, agents[0], cg)
+                    self._agents[s.name] = agents[0]
+
+    def place_new_call(self, daemon, d) -> int | None:
+        """Automatic mode: a fresh tool call for d.root_pid, then its early descendants."""
+        import time
+
+        from agentcg.daemon.service import Peer
+
+        s = daemon.sessions.get(d.session)
+        if s is None:
+            return None
+        peer = Peer(pid=os.getpid(), uid=0, gid=0, conn=0)
+        msg = {"session": d.session, "pid": d.root_pid, "name": d.program, "argv": [d.cmdline],
+               "intent": dict(d.intent)}
+        try:
+            res = daemon.op_call_start(msg, peer)
+        except Exception as exc:  # the process may be gone already
+            daemon.emit({"type": "call.auto.failed", "uid": s.uid, "session": d.session, "pid": d.root_pid,
+                         "reason": str(exc)})
+            return None
+        n = res["call"]
+        placed_ns = time.monotonic_ns()
+        c = s.calls.get(n)
+        if c is not None:
+            c.conn = None     # no client: the call ends when its root exits (or its processes are gone)
+        rel = f"{s.rel}/c-{n}"
+        for pid in d.pids[1:]:
+            try:
+                daemon.cgfs.place(rel, pid)
+            except (ProcessLookupError, FileNotFoundError, OSError):
+                pass
+        self.attr.call_placed(d.session, n, d.pids, root_pid=d.root_pid)
+        self.placement_ns.append(max(0, placed_ns - d.exec_ts_ns))
+        self.auto_calls += 1
+        daemon.emit({"type": "call.auto", "uid": s.uid, "session": d.session, "call": n, "pid": d.root_pid,
+                     "pids": list(d.pids), "command": d.cmdline, "reason": d.reason,
+                     "placement_us": (placed_ns - d.exec_ts_ns) / 1000})
+        return n
+
+    def _apply(self, daemon, d) -> None:
+        import asyncio
+
+        from agentcg.core.attribution import CallFinished, MoveToCall, NewCall, OomVictim
+
+        if isinstance(d, NewCall):
+            self.place_new_call(daemon, d)
+        elif isinstance(d, MoveToCall):
+            try:
+                daemon.cgfs.place(f"s-{d.session}/c-{d.call}", d.pid)
+            except (ProcessLookupError, FileNotFoundError, OSError):
+                pass
+        elif isinstance(d, CallFinished):
+            s = daemon.sessions.get(d.session)
+            c = s.calls.get(d.call) if s else None
+            if c is not None:
+                self.report_escapes(s, d.call)   # before the daemon's straggler policy acts
+                try:
+                    status = os.waitstatus_to_exitcode(d.exit_code)
+                except ValueError:
+                    status = None
+                asyncio.ensure_future(daemon.finalise(s, c, exit_status=status, reason=d.reason))
+        elif isinstance(d, OomVictim):
+            self.oom_victims.setdefault((d.session, d.call), []).append(
+                {"pid": d.pid, "comm": d.comm, "ts_ns": d.ts_ns})
+            s = daemon.sessions.get(d.session)
+            daemon.emit({"type": "oom.kill", "uid": s.uid if s else 0, "session": d.session, "call": d.call,
+                         "pid": d.pid, "comm": d.comm})

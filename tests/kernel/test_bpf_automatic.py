@@ -1,0 +1,128 @@
+"""Automatic mode through the real daemon: an agent registered by pid gets one
+tool call per process it starts; escapes are detected and reported."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import require_bpf, require_cgroup2
+from agentcg.adapters.cgroupfs import CgroupFs
+from agentcg.client import Client
+
+pytestmark = pytest.mark.kernel
+
+AGENT = r"""
+import subprocess, sys
+for line in sys.stdin:
+    cmd = line.split()
+    if cmd[0] == "sh":
+        cmd = ["run", "/bin/sh", "-c", line[3:].strip()]
+    if cmd[0] == "run":
+        p = subprocess.Popen(cmd[1:])
+        print(p.pid, flush=True)
+        p.wait()
+        print("done", p.returncode, flush=True)
+    elif cmd[0] == "start":
+        p = subprocess.Popen(cmd[1:])
+        print(p.pid, flush=True)
+"""
+
+
+@pytest.fixture
+def agentcgd(request):
+    require_bpf()
+    mnt = require_cgroup2()
+    if not (Path(__file__).resolve().parents[2] / "bpf" / ".output" / "tracker.bpf.o").exists():
+        pytest.fail("bpf objects not built: run `make -C bpf`")
+    tag = f"agentcg-test-{os.getpid()}-auto"
+    root, runtime = mnt / tag, Path("/tmp") / tag
+    runtime.mkdir(mode=0o755, exist_ok=True)
+    sock = runtime / "agentcg.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "agentcg.daemon.app", "--cgroup-root", str(root),
+                             "--runtime-dir", str(runtime), "--no-require-controllers", "--log-level", "warning"],
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while not sock.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"agentcgd exited: {proc.stderr.read().decode()}")
+        assert time.monotonic() < deadline, "agentcgd did not start"
+        time.sleep(0.02)
+    yield root, runtime, sock
+    proc.kill()
+    proc.wait(10)
+    fs = CgroupFs(root)
+    for rel in [c for c in fs.children("") if c.startswith("s-")]:
+        fs.kill(rel)
+        fs.wait_unpopulated(rel, 5)
+        fs.remove_tree(rel)
+    fs.remove_tree("")
+    shutil.rmtree(runtime, ignore_errors=True)
+
+
+def _wait(pred, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.02)
+    return pred()
+
+
+def _events(runtime, kind):
+    try:
+        lines = (runtime / "events.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [e for e in map(json.loads, lines) if e.get("type") == kind]
+
+
+def test_child_of_attached_agent_gets_its_own_call_and_escape_is_reported(agentcgd):
+    root, runtime, sock = agentcgd
+    agent = subprocess.Popen([sys.executable, "-c", AGENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        with Client(str(sock)) as c:
+            c.request("session.create", name="auto1")
+            c.request("session.attach", name="auto1", pid=agent.pid)
+            st = c.request("status")
+            bpf = st["hooks"]["bpf"]
+            assert bpf["features"]["tracker"]["state"] == "used", bpf
+            # wait until the hook has registered the agent
+            assert _wait(lambda: c.request("status")["hooks"]["bpf"]["automatic_mode"]["agents"].get("auto1")
+                         == agent.pid), c.request("status")["hooks"]["bpf"]
+
+            agent.stdin.write("run /bin/sleep 0.5\n")
+            agent.stdin.flush()
+            child = int(agent.stdout.readline())
+            cg = _wait(lambda: Path(f"/proc/{child}/cgroup").read_text().strip().split("::")[-1]
+                       if "/c-" in Path(f"/proc/{child}/cgroup").read_text() else None, 5)
+            assert cg and cg.endswith("/s-auto1/c-1"), Path(f"/proc/{child}/cgroup").read_text()
+            assert agent.stdout.readline().split() == ["done", "0"]
+            ended = _wait(lambda: [e for e in _events(runtime, "call.end") if e["call"] == 1])
+            assert ended, "auto call did not end when its root exited"
+            extra = ended[0]["stats"]["extra"]
+            assert extra["exec_count"] >= 0 and extra["proc_count"] >= 1
+            auto = _events(runtime, "call.auto")
+            assert auto and auto[0]["pid"] == child and auto[0]["placement_us"] > 0
+
+            # escape: a double fork whose middle parent exits at once
+            agent.stdin.write("sh /bin/sleep 30 & exit 0\n")
+            agent.stdin.flush()
+            child2 = int(agent.stdout.readline())
+            assert agent.stdout.readline().split()[0] == "done"
+            esc = _wait(lambda: _events(runtime, "call.escape"))
+            assert esc, "no escape reported"
+            e = esc[0]
+            assert e["session"] == "auto1" and e["call"] == 2 and e["comm"] in ("sleep", "sh")
+            assert e["pid"] != child2
+    finally:
+        agent.kill()
+        agent.wait()
