@@ -1,0 +1,36 @@
+"""systemd/agentcg.toml.example documents every key with its real default."""
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from pathlib import Path
+
+from agentcg.core.config import Config, DaemonConfig, parse_config
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "systemd" / "agentcg.toml.example"
+
+
+def test_example_is_exactly_the_defaults():
+    assert parse_config(EXAMPLE.read_text()) == Config()
+
+
+def test_every_daemon_key_is_in_the_example():
+    written = set(tomllib.loads(EXAMPLE.read_text())["daemon"])
+    assert written == {f.name for f in dataclasses.fields(DaemonConfig)}
+
+
+def test_commented_examples_are_valid():
+    """Uncommenting the sample lines must give a config the daemon accepts."""
+    lines = []
+    for line in EXAMPLE.read_text().splitlines():
+        if re.match(r"^# (\[|[a-z_]+ = )", line):
+            line = line[2:]
+        lines.append(line)
+    cfg = parse_config("\n".join(lines))
+    assert cfg.default_grant.memory_max_bytes == 16 << 30
+    assert cfg.default_grant.max_sessions == 16
+    assert cfg.grants[1000].memory_max_bytes == 32 << 30
+    assert cfg.grants[1000].pids_max == 8192          # filled from grants.default
+    assert cfg.session_defaults.memory_max_bytes == 8 << 30
+    assert cfg.call_defaults.memory_class == "normal"
