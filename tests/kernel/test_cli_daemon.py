@@ -1,0 +1,168 @@
+"""agentcg and agentcg-exec as real processes against a real agentcgd on this
+host's cgroup2 tree (no controllers needed: placement, stats, events)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import require_cgroup2
+
+pytestmark = pytest.mark.kernel
+BIN = Path(sys.executable).parent
+
+
+def _cmd(name: str, module: str) -> list[str]:
+    exe = BIN / name
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", module]
+
+
+AGENTCG = _cmd("agentcg", "agentcg.cli.main")
+AGENTCG_EXEC = _cmd("agentcg-exec", "agentcg.cli.hintexec")
+
+
+def _rmtree_cgroup(path: Path) -> None:
+    if not path.is_dir():
+        return
+    for _ in range(50):
+        try:
+            for d in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+                (d / "cgroup.kill").write_text("1")
+                d.rmdir()
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            continue
+        except OSError:
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def daemon_env():
+    mnt = require_cgroup2()
+    tag = f"agentcg-test-{os.getpid()}-cli"
+    root, runtime = mnt / tag, Path("/tmp") / tag
+    runtime.mkdir(mode=0o755, exist_ok=True)
+    sock = runtime / "agentcg.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "agentcg.daemon.app", "--cgroup-root", str(root),
+                             "--runtime-dir", str(runtime), "--no-require-controllers", "--log-level", "warning"],
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not sock.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"agentcgd exited: {proc.stderr.read().decode()}")
+            if time.monotonic() > deadline:
+                pytest.fail("agentcgd did not start listening")
+            time.sleep(0.02)
+        env = dict(os.environ, AGENTCG_SOCKET=str(sock), XDG_RUNTIME_DIR=str(runtime))
+        env.pop("AGENTCG_SESSION", None)
+        env.pop("AGENT_RESOURCE_HINT", None)
+        yield env, root
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        _rmtree_cgroup(root)
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def run(env, *args, cmd=AGENTCG):
+    return subprocess.run(cmd + list(args), env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_run_passes_exit_status_through(daemon_env):
+    env, root = daemon_env
+    res = run(env, "run", "--", "sh", "-c", "exit 3")
+    assert res.returncode == 3, res.stderr
+    # the ad-hoc session is gone afterwards
+    assert not [p for p in root.iterdir() if p.name.startswith("s-run-")]
+
+
+def test_run_places_the_command_in_a_call_cgroup(daemon_env):
+    env, root = daemon_env
+    assert run(env, "session", "create", "t1").returncode == 0
+    res = run(env, "run", "--session", "t1", "--name", "probe", "--", "cat", "/proc/self/cgroup")
+    assert res.returncode == 0, res.stderr
+    assert f"0::/{root.name}/s-t1/c-1\n" in res.stdout
+
+
+def test_run_json_result_on_stderr(daemon_env):
+    env, _ = daemon_env
+    res = run(env, "run", "--json", "--intent", "memory=64M", "--", "sh", "-c", "echo out; exit 5")
+    assert res.returncode == 5
+    assert res.stdout == "out\n"
+    result = json.loads(res.stderr.strip().splitlines()[-1])
+    assert result["exit_status"] == 5
+    assert result["stats"]["wall_ns"] > 0
+    assert result["limits"]["memory_high_bytes"] == 64 << 20
+
+
+def test_run_killed_by_signal_is_128_plus_n(daemon_env):
+    env, _ = daemon_env
+    res = run(env, "run", "--", "sh", "-c", "kill -9 $$")
+    assert res.returncode == 137
+
+
+def test_session_round_trip_text_and_json(daemon_env):
+    env, _ = daemon_env
+    res = run(env, "session", "create", "rt", "--intent", "memory=1G,priority=4", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["name"] == "rt"
+    assert run(env, "run", "--session", "rt", "--", "true").returncode == 0
+    listing = json.loads(run(env, "session", "list", "--json").stdout)
+    assert [s["name"] for s in listing] == ["rt"]
+    assert listing[0]["calls_done"] == 1
+    text = run(env, "session", "list").stdout
+    assert text.splitlines()[0].split()[:3] == ["NAME", "UID", "CALLS"]
+    assert "memory=1G,priority=4" in text
+    show = json.loads(run(env, "session", "show", "rt", "--json").stdout)
+    assert show["recent"][0]["exit_status"] == 0
+    assert "CALL" in run(env, "session", "show", "rt").stdout
+    assert run(env, "session", "end", "rt").returncode == 0
+    gone = run(env, "session", "show", "rt")
+    assert gone.returncode == 1 and "not_found" in gone.stderr
+    assert json.loads(run(env, "session", "list", "--json").stdout) == []
+
+
+def test_status_and_events_json(daemon_env):
+    env, root = daemon_env
+    st = json.loads(run(env, "status", "--json").stdout)
+    assert st["daemon"]["cgroup_root"] == str(root)
+    run(env, "run", "--name", "evt", "--", "true")
+    evs = [json.loads(line) for line in run(env, "events", "--json").stdout.splitlines()]
+    assert any(e.get("type") == "call.end" and e.get("name") == "evt" for e in evs)
+    assert "call.end" in run(env, "events").stdout
+
+
+def test_exec_wrapper_runs_a_tool_call_with_the_hint(daemon_env):
+    env, root = daemon_env
+    assert run(env, "session", "create", "agent").returncode == 0
+    env = dict(env, AGENTCG_SESSION="agent", AGENT_RESOURCE_HINT="memory=32M,name=tests")
+    res = run(env, "-c", "grep ^0:: /proc/self/cgroup; exit 6", cmd=AGENTCG_EXEC)
+    assert res.returncode == 6, res.stderr
+    assert res.stdout == f"0::/{root.name}/s-agent/c-1\n"
+    show = json.loads(run(env, "session", "show", "agent", "--json").stdout)
+    call = show["recent"][0]
+    assert call["name"] == "tests" and call["limits"]["memory_high_bytes"] == 32 << 20
+    bad = run(dict(env, AGENT_RESOURCE_HINT="cpu=warp"), "-c", "exit 0", cmd=AGENTCG_EXEC)
+    assert bad.returncode == 2 and "AGENT_RESOURCE_HINT cpu: 'warp'" in bad.stderr
+
+
+def test_unknown_session_is_an_error_not_a_silent_plain_run(daemon_env):
+    env, _ = daemon_env
+    res = run(dict(env, AGENTCG_SESSION="nosuch"), "-c", "echo ran", cmd=AGENTCG_EXEC)
+    assert res.returncode == 125
+    assert res.stdout == ""
+    assert "nosuch" in res.stderr
