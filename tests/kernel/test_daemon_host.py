@@ -21,11 +21,13 @@ pytestmark = pytest.mark.kernel
 
 
 class Agentcgd:
-    def __init__(self, root: Path, runtime: Path, extra_args: list[str] | None = None):
+    def __init__(self, root: Path, runtime: Path, extra_args: list[str] | None = None,
+                 require_controllers: bool = False):
         self.root, self.runtime = root, runtime
         self.args = [sys.executable, "-m", "agentcg.daemon.app", "--cgroup-root", str(root),
-                     "--runtime-dir", str(runtime), "--no-require-controllers", "--log-level", "warning",
-                     *(extra_args or [])]
+                     "--runtime-dir", str(runtime), "--log-level", "warning", *(extra_args or [])]
+        if not require_controllers:
+            self.args.append("--no-require-controllers")
         self.proc: subprocess.Popen | None = None
         self.socket = str(runtime / "agentcg.sock")
 
@@ -35,7 +37,7 @@ class Agentcgd:
         except FileNotFoundError:
             pass
         self.proc = subprocess.Popen(self.args, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 120
         while not os.path.exists(self.socket):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"agentcgd exited: {self.proc.stderr.read().decode()}")
@@ -50,15 +52,14 @@ class Agentcgd:
             self.proc.wait(10)
 
 
-@pytest.fixture
-def daemon(request):
-    mnt = require_cgroup2()
+def start_daemon(request, mnt: Path, require_controllers: bool = False):
+    """A daemon under <mnt>/agentcg-test-..., stopped and cleaned up by the generator."""
     tag = f"agentcg-test-{os.getpid()}-{request.node.name[:20]}"
     root = mnt / tag
     runtime = Path("/tmp") / tag
     runtime.mkdir(mode=0o755, exist_ok=True)
     os.chmod(runtime, 0o755)
-    d = Agentcgd(root, runtime).start()
+    d = Agentcgd(root, runtime, require_controllers=require_controllers).start()
     yield d
     d.stop(signal.SIGKILL)
     fs = CgroupFs(root)
@@ -68,6 +69,11 @@ def daemon(request):
         fs.remove_tree(rel)
     fs.remove_tree("")
     shutil.rmtree(runtime, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(request):
+    yield from start_daemon(request, require_cgroup2())
 
 
 def test_command_runs_inside_its_call_cgroup_from_its_first_instruction(daemon):
