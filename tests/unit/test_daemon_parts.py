@@ -1,0 +1,77 @@
+"""Daemon parts that need no kernel: root choice, pid rule, state file, hooks."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from agentcg import protocol as p
+from agentcg.core.config import Config
+from agentcg.core.intents import Intent
+from agentcg.core.model import Limits
+from agentcg.daemon.app import choose_root
+from agentcg.daemon.hooks import Hooks
+from agentcg.daemon.service import Peer, check_pid
+from agentcg.daemon.state import CallRecord, SessionRecord, load_state, save_state
+
+
+def test_root_under_systemd_is_the_service_cgroup():
+    cfg = Config()
+    env = {"INVOCATION_ID": "abc"}
+    assert choose_root(cfg, env, "/system.slice/agentcgd.service", "/sys/fs/cgroup") == \
+        ("/sys/fs/cgroup/system.slice/agentcgd.service", True)
+    # restarted inside its own leaf
+    assert choose_root(cfg, env, "/system.slice/agentcgd.service/daemon", "/sys/fs/cgroup")[1] is True
+    assert choose_root(cfg, {}, "/user.slice/x.scope", "/sys/fs/cgroup") == ("/sys/fs/cgroup/agentcg", False)
+
+
+def test_pid_rule():
+    me = os.getpid()
+    peer = Peer(pid=me, uid=os.getuid(), gid=0)
+    check_pid(me, peer, child_only=True, own_pid=1)            # the caller itself
+    with pytest.raises(p.ProtocolError) as ei:
+        check_pid(me, peer, child_only=True, own_pid=me)       # never the daemon
+    assert ei.value.code == p.E_BAD_PID
+    with pytest.raises(p.ProtocolError) as ei:
+        check_pid(2 ** 22 + 7, peer, child_only=True, own_pid=1)
+    assert "does not exist" in ei.value.message
+    other = Peer(pid=me, uid=65534, gid=65534)
+    with pytest.raises(p.ProtocolError) as ei:
+        check_pid(me, other, child_only=False, own_pid=1)
+    assert "does not belong to uid 65534" in ei.value.message
+    with pytest.raises(p.ProtocolError) as ei:
+        check_pid("12", peer, child_only=True, own_pid=1)
+    assert ei.value.code == p.E_BAD_REQUEST
+
+
+def test_state_round_trip(tmp_path):
+    s = SessionRecord(name="a", uid=1000, intent=Intent.parse("memory=1G"),
+                      limits=Limits(memory_max_bytes=2 << 30), created_time=1.0, next_call=4)
+    s.calls[3] = CallRecord(session="a", n=3, name="pytest", uid=1000, pid=42,
+                            intent=Intent.parse("pids=10"), limits=Limits(pids_max=10),
+                            start_ns=123, start_time=2.0, argv=["pytest"])
+    save_state(tmp_path / "state.json", "/sys/fs/cgroup/agentcg", {"a": s})
+    root, back = load_state(tmp_path / "state.json")
+    assert root == "/sys/fs/cgroup/agentcg"
+    assert back["a"].to_dict() == s.to_dict()
+    assert load_state(tmp_path / "missing.json") == (None, {})
+    (tmp_path / "bad.json").write_text("{")
+    assert load_state(tmp_path / "bad.json") == (None, {})
+
+
+def test_hooks_isolate_failures_and_merge_extra_stats():
+    class Good:
+        def on_call_end(self, session, call, path):
+            return {"bpf_execs": 3}
+
+        def status(self):
+            return {"ok": True}
+
+    class Bad:
+        def on_call_end(self, session, call, path):
+            raise RuntimeError("boom")
+
+    hooks = Hooks([Bad(), Good()])
+    assert hooks.call_end(None, None, None) == {"bpf_execs": 3}
+    assert hooks.status() == {"Good": {"ok": True}}
+    hooks.call_start(None, None, None)   # no hook has it: nothing happens
