@@ -1,0 +1,371 @@
+"""The KV cache tensors: device block pool, host pool, and copies between them.
+
+This is the only module that allocates the KV pools or copies KV data. It
+follows plans from agentcg/core/kv_blocks.py and never decides anything.
+
+Layouts (L layers, cb blocks per chunk, bs tokens per block, H kv heads, D head dim):
+- device chunk c:  [L, cb, 2, bs, H, D]   one tensor per chunk; block b lives in
+  chunk b // cb at index b % cb; per layer a block is one contiguous
+  [2, bs, H, D] slab (keys, then values).
+- host pool:       flat [host_blocks * L*2*bs*H*D], pinned when the device is CUDA.
+  A run of n slots starting at slot s is the range [s*E, (s+n)*E) (E = elements
+  per block) viewed as [L, n, 2, bs, H, D]: layer-major, so layer l of a run is
+  one contiguous range and the whole run is one contiguous range.
+- staging buffers: flat, `slot_bytes` each, on the device; a piece of a swap
+  (layers l0..l1, blocks a..b of a run) is gathered into one and moved in one copy.
+
+On CUDA, swaps run on two dedicated streams: `dev` gathers/scatters blocks
+between the pool and staging (device kernels), `link` does the host<->device
+copies; events order them against each other and against the compute stream.
+On CPU the same code runs synchronously with plain tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class WritePlan:
+    """Where the new tokens' K/V go: per chunk, (chunk, token index or None
+    for all tokens in order, destination rows (K rows then V rows))."""
+    parts: list[tuple[int, torch.Tensor | None, torch.Tensor]]
+
+
+@dataclass
+class GatherPlan:
+    """Which blocks to read: per chunk, (chunk, output positions or None when
+    the output is exactly this chunk's list, local block ids). m = total."""
+    parts: list[tuple[int, torch.Tensor | None, torch.Tensor]]
+    m: int
+
+
+@dataclass
+class Piece:
+    """One transfer of a swap: layers l0..l1-1 x table indexes a..b-1 of a host
+    run that starts at slot run_start and has run_n slots; the run holds table
+    indexes first_index..first_index+run_n-1."""
+    run_start: int
+    run_n: int
+    first_index: int
+    l0: int
+    l1: int
+    a: int
+    b: int
+
+
+@dataclass
+class SwapHandle:
+    """In-flight swap. layer_ready[l]: event after which layer l of the swapped-in
+    blocks is in place (None on CPU). done: event after the last copy."""
+    owner: str
+    direction: str
+    nbytes: int
+    layer_ready: list = field(default_factory=list)
+    done: object = None
+    start: object = None
+    keep: list = field(default_factory=list)      # tensors that must outlive the copies
+
+    def is_done(self) -> bool:
+        return self.done is None or self.done.query()
+
+    def synchronize(self) -> None:
+        if self.done is not None:
+            self.done.synchronize()
+
+    def seconds(self) -> float | None:
+        """Link time of the swap (CUDA events), once done."""
+        if self.done is None or self.start is None or not self.done.query():
+            return None
+        return self.start.elapsed_time(self.done) / 1000.0
+
+
+class KVPool:
+    """Device KV chunks and the host pool."""
+
+    def __init__(self, *, n_layers: int, kv_heads: int, head_dim: int, block_size: int,
+                 chunk_blocks: int, num_chunks: int, host_blocks: int,
+                 device: torch.device, dtype: torch.dtype, slot_bytes: int = 64 << 20,
+                 num_slots: int = 3, online: list[bool] | None = None) -> None:
+        self.L, self.H, self.D, self.bs = n_layers, kv_heads, head_dim, block_size
+        self.cb = chunk_blocks
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.elem_bytes = torch.empty((), dtype=dtype).element_size()
+        self.block_layer_elems = 2 * block_size * kv_heads * head_dim
+        self.block_elems = n_layers * self.block_layer_elems
+        self.block_bytes = self.block_elems * self.elem_bytes
+        self.chunk_bytes = self.block_bytes * chunk_blocks
+        self.cuda = self.device.type == "cuda"
+        self.chunks: list[torch.Tensor | None] = [None] * num_chunks
+        for c in range(num_chunks):
+            if online is None or online[c]:
+                self.alloc_chunk(c)
+        # host pool: flat [host_blocks * block_elems]
+        self.host = torch.empty(host_blocks * self.block_elems, dtype=dtype,
+                                pin_memory=self.cuda)
+        self.slot_elems = max(self.block_layer_elems, slot_bytes // self.elem_bytes)
+        self.num_slots = num_slots
+        self._staging: list[torch.Tensor | None] = [None] * num_slots
+        if self.cuda:
+            self.dev_stream = torch.cuda.Stream(self.device)
+            self.link_stream = torch.cuda.Stream(self.device)
+        self._slot_free: list = [None] * num_slots
+
+    # ---------------------------------------------------------------- chunks
+    def alloc_chunk(self, c: int) -> None:
+        if self.chunks[c] is None:
+            # [L, cb, 2, bs, H, D]
+            self.chunks[c] = torch.zeros(self.L, self.cb, 2, self.bs, self.H, self.D,
+                                         dtype=self.dtype, device=self.device)
+
+    def free_chunk(self, c: int) -> None:
+        self.chunks[c] = None
+
+    def release_memory(self) -> None:
+        """Hand freed chunk memory back to the device (CUDA) or the allocator."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    def online_bytes(self) -> int:
+        return sum(self.chunk_bytes for t in self.chunks if t is not None)
+
+    # ----------------------------------------------------------------- plans
+    def _idx(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def write_plan(self, slots: list[int]) -> WritePlan:
+        """slots[i] = global slot (block * bs + offset) of new token i."""
+        by_chunk: dict[int, tuple[list[int], list[int], list[int]]] = {}
+        bs2 = 2 * self.bs
+        for i, s in enumerate(slots):
+            b, off = divmod(s, self.bs)
+            c, lb = divmod(b, self.cb)
+            toks, krows, vrows = by_chunk.setdefault(c, ([], [], []))
+            toks.append(i)
+            krows.append(lb * bs2 + off)
+            vrows.append(lb * bs2 + self.bs + off)
+        parts = []
+        for c, (toks, krows, vrows) in by_chunk.items():
+            tok = None if len(by_chunk) == 1 else self._idx(toks)
+            parts.append((c, tok, self._idx(krows + vrows)))
+        return WritePlan(parts)
+
+    def gather_plan(self, blocks: list[int]) -> GatherPlan:
+        by_chunk: dict[int, tuple[list[int], list[int]]] = {}
+        for i, b in enumerate(blocks):
+            c, lb = divmod(b, self.cb)
+            pos, loc = by_chunk.setdefault(c, ([], []))
+            pos.append(i)
+            loc.append(lb)
+        parts = []
+        for c, (pos, loc) in by_chunk.items():
+            parts.append((c, None if len(by_chunk) == 1 else self._idx(pos), self._idx(loc)))
+        return GatherPlan(parts, len(blocks))
+
+    # ------------------------------------------------------------ attention
+    def write(self, layer: int, plan: WritePlan, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [T, H, D] for the plan's tokens."""
+        for c, tok, rows in plan.parts:
+            kk, vv = (k, v) if tok is None else (k.index_select(0, tok), v.index_select(0, tok))
+            dst = self.chunks[c][layer].view(-1, self.H, self.D)    # [cb*2*bs, H, D]
+            dst.index_copy_(0, rows, torch.cat([kk, vv]).to(self.dtype))
+
+    def gather(self, layer: int, plan: GatherPlan) -> torch.Tensor:
+        """-> [m, 2, bs, H, D]: the plan's blocks of one layer, in plan order."""
+        if len(plan.parts) == 1 and plan.parts[0][1] is None:
+            c, _, loc = plan.parts[0]
+            return self.chunks[c][layer].index_select(0, loc)
+        out = torch.empty(plan.m, 2, self.bs, self.H, self.D, dtype=self.dtype, device=self.device)
+        for c, pos, loc in plan.parts:
+            out.index_copy_(0, pos, self.chunks[c][layer].index_select(0, loc))
+        return out
+
+    def move_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Device-to-device block copies src -> dst (all layers), for shrink."""
+        for src, dst in pairs:
+            sc, sl = divmod(src, self.cb)
+            dc, dl = divmod(dst, self.cb)
+            self.chunks[dc][:, dl].copy_(self.chunks[sc][:, sl])
+
+    # ----------------------------------------------------------------- swaps
+    def host_run(self, start: int, n: int) -> torch.Tensor:
+        """-> [L, n, 2, bs, H, D] view of host slots start..start+n-1."""
+        e = self.block_elems
+        return self.host[start * e:(start + n) * e].view(self.L, n, 2, self.bs, self.H, self.D)
+
+    def pieces(self, runs: list[tuple[int, int, int]]) -> list[Piece]:
+        """Split host runs into transfers of at most one staging slot, each one
+        contiguous on the host: several whole layers, or part of one layer.
+        Ordered layer-major so that early layers arrive first."""
+        out = []
+        per_layer = self.block_layer_elems
+        for start, n, first in runs:
+            layer_elems = n * per_layer
+            if layer_elems <= self.slot_elems:
+                step = max(1, self.slot_elems // layer_elems)
+                for l0 in range(0, self.L, step):
+                    out.append(Piece(start, n, first, l0, min(self.L, l0 + step), 0, n))
+            else:
+                per = max(1, self.slot_elems // per_layer)
+                for l0 in range(self.L):
+                    for a in range(0, n, per):
+                        out.append(Piece(start, n, first, l0, l0 + 1, a, min(n, a + per)))
+        out.sort(key=lambda p: (p.l0, p.run_start, p.a))
+        return out
+
+    def _staging_view(self, slot: int, p: Piece) -> torch.Tensor:
+        if self._staging[slot] is None:
+            self._staging[slot] = torch.empty(self.slot_elems, dtype=self.dtype, device=self.device)
+        n = (p.l1 - p.l0) * (p.b - p.a) * self.block_layer_elems
+        # [l1-l0, b-a, 2, bs, H, D]
+        return self._staging[slot][:n].view(p.l1 - p.l0, p.b - p.a, 2, self.bs, self.H, self.D)
+
+    def _gather_piece(self, p: Piece, blocks: list[int], out: torch.Tensor) -> list[torch.Tensor]:
+        plan = self.gather_plan(blocks[p.first_index + p.a:p.first_index + p.b])
+        keep = []
+        for c, pos, loc in plan.parts:
+            src = self.chunks[c][p.l0:p.l1]                         # [nl, cb, 2, bs, H, D]
+            if pos is None:
+                torch.index_select(src, 1, loc, out=out)
+            else:
+                out.index_copy_(1, pos, src.index_select(1, loc))
+                keep.append(pos)
+            keep.append(loc)
+        return keep
+
+    def _scatter_piece(self, p: Piece, blocks: list[int], src: torch.Tensor) -> list[torch.Tensor]:
+        plan = self.gather_plan(blocks[p.first_index + p.a:p.first_index + p.b])
+        keep = []
+        for c, pos, loc in plan.parts:
+            dst = self.chunks[c][p.l0:p.l1]
+            dst.index_copy_(1, loc, src if pos is None else src.index_select(1, pos))
+            keep.append(loc)
+            if pos is not None:
+                keep.append(pos)
+        return keep
+
+    def swap_out(self, owner: str, gpu_blocks: list[int], runs: list[tuple[int, int, int]]) -> SwapHandle:
+        """Copy gpu_blocks (table order) to the host runs. The blocks may be
+        reused by compute as soon as this returns: the compute stream waits
+        for the gathers."""
+        pieces = self.pieces(runs)
+        nbytes = len(gpu_blocks) * self.block_bytes
+        if not self.cuda:
+            for p in pieces:
+                view = self._staging_view(0, p)
+                self._gather_piece(p, gpu_blocks, view)
+                self.host_run(p.run_start, p.run_n)[p.l0:p.l1, p.a:p.b].copy_(view)
+            return SwapHandle(owner, "out", nbytes)
+        compute = torch.cuda.current_stream(self.device)
+        ready = torch.cuda.Event()
+        ready.record(compute)
+        self.dev_stream.wait_event(ready)
+        start = torch.cuda.Event(enable_timing=True)
+        done = torch.cuda.Event(enable_timing=True)
+        keep: list[torch.Tensor] = []
+        for i, p in enumerate(pieces):
+            s = i % self.num_slots
+            view = self._staging_view(s, p)
+            with torch.cuda.stream(self.dev_stream):
+                if self._slot_free[s] is not None:
+                    self.dev_stream.wait_event(self._slot_free[s])
+                keep += self._gather_piece(p, gpu_blocks, view)
+                gathered = torch.cuda.Event()
+                gathered.record(self.dev_stream)
+            with torch.cuda.stream(self.link_stream):
+                self.link_stream.wait_event(gathered)
+                if i == 0:
+                    start.record(self.link_stream)
+                self.host_run(p.run_start, p.run_n)[p.l0:p.l1, p.a:p.b].copy_(view, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(self.link_stream)
+                self._slot_free[s] = ev
+        gathered_all = torch.cuda.Event()
+        gathered_all.record(self.dev_stream)
+        compute.wait_event(gathered_all)       # freed blocks are rewritten only after the gathers
+        done.record(self.link_stream)
+        return SwapHandle(owner, "out", nbytes, [], done, start, keep)
+
+    def swap_in(self, owner: str, gpu_blocks: list[int], runs: list[tuple[int, int, int]]) -> SwapHandle:
+        """Copy the host runs into gpu_blocks (table order). Compute that reads
+        layer l of these blocks must wait for handle.layer_ready[l] first."""
+        pieces = self.pieces(runs)
+        nbytes = len(gpu_blocks) * self.block_bytes
+        if not self.cuda:
+            for p in pieces:
+                view = self._staging_view(0, p)
+                view.copy_(self.host_run(p.run_start, p.run_n)[p.l0:p.l1, p.a:p.b])
+                self._scatter_piece(p, gpu_blocks, view)
+            return SwapHandle(owner, "in", nbytes, [None] * self.L)
+        compute = torch.cuda.current_stream(self.device)
+        ready = torch.cuda.Event()
+        ready.record(compute)
+        self.dev_stream.wait_event(ready)
+        self.link_stream.wait_event(ready)
+        last_piece_of_layer = {}
+        for i, p in enumerate(pieces):
+            for layer in range(p.l0, p.l1):
+                last_piece_of_layer[layer] = i
+        layer_ready: list = [None] * self.L
+        start = torch.cuda.Event(enable_timing=True)
+        done = torch.cuda.Event(enable_timing=True)
+        keep: list[torch.Tensor] = []
+        for i, p in enumerate(pieces):
+            s = i % self.num_slots
+            view = self._staging_view(s, p)
+            with torch.cuda.stream(self.link_stream):
+                if self._slot_free[s] is not None:
+                    self.link_stream.wait_event(self._slot_free[s])
+                if i == 0:
+                    start.record(self.link_stream)
+                view.copy_(self.host_run(p.run_start, p.run_n)[p.l0:p.l1, p.a:p.b], non_blocking=True)
+                loaded = torch.cuda.Event()
+                loaded.record(self.link_stream)
+            with torch.cuda.stream(self.dev_stream):
+                self.dev_stream.wait_event(loaded)
+                keep += self._scatter_piece(p, gpu_blocks, view)
+                ev = torch.cuda.Event()
+                ev.record(self.dev_stream)
+                self._slot_free[s] = ev
+                for layer in range(p.l0, p.l1):
+                    if last_piece_of_layer[layer] == i:
+                        layer_ready[layer] = ev
+        # done: after the last scatter, timed on the link stream
+        all_in = torch.cuda.Event()
+        all_in.record(self.dev_stream)
+        self.link_stream.wait_event(all_in)
+        done.record(self.link_stream)
+        return SwapHandle(owner, "in", nbytes, layer_ready, done, start, keep)
+
+    # --------------------------------------------------------- measurements
+    def measure_link_gbps(self, nbytes: int = 256 << 20, repeats: int = 3) -> dict:
+        """Plain pinned host<->device copy bandwidth of this machine (GB/s,
+        1e9 bytes per second). On CPU: a memory copy of the same size."""
+        n = max(1, nbytes // self.elem_bytes)
+        if not self.cuda:
+            import time
+            a = torch.empty(n, dtype=self.dtype)
+            b = torch.empty(n, dtype=self.dtype)
+            b.copy_(a)
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                b.copy_(a)
+            dt = (time.perf_counter() - t0) / repeats
+            g = nbytes / dt / 1e9
+            return {"h2d_gbps": g, "d2h_gbps": g}
+        host = torch.empty(n, dtype=self.dtype, pin_memory=True)
+        dev = torch.empty(n, dtype=self.dtype, device=self.device)
+        out = {}
+        for name, dst, src in (("h2d_gbps", dev, host), ("d2h_gbps", host, dev)):
+            dst.copy_(src, non_blocking=True)
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for _ in range(repeats):
+                dst.copy_(src, non_blocking=True)
+            e.record()
+            e.synchronize()
+            out[name] = nbytes * repeats / (s.elapsed_time(e) / 1000.0) / 1e9
+        return out

@@ -1,0 +1,84 @@
+"""Tokenizers: a checkpoint's tokenizer.json through `tokenizers`, or bytes.
+
+Both offer encode(str) -> list[int], decode(list[int]) -> str, eos_token_id,
+bos_token_id, vocab_size and apply_chat_template(messages) -> str.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _render_chat(messages: list[dict], header: str, end: str) -> str:
+    parts = []
+    for m in messages:
+        role = m.get("role", "user")
+        content = m.get("content", "")
+        if isinstance(content, list):      # OpenAI content parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        parts.append(header.format(role=role) + str(content) + end)
+    parts.append(header.format(role="assistant"))
+    return "".join(parts)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are tokens 0..255; 256 = BOS, 257 = EOS, 258 = PAD."""
+
+    bos_token_id = 256
+    eos_token_id = 257
+    pad_token_id = 258
+    vocab_size = 259
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = list(text.encode("utf-8"))
+        return [self.bos_token_id] + ids if add_bos else ids
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        return _render_chat(messages, "<|{role}|>\n", "\n")
+
+
+class HFTokenizer:
+    """tokenizer.json of a checkpoint directory, via the `tokenizers` package."""
+
+    def __init__(self, directory: Path, eos_token_id: int | None = None,
+                 bos_token_id: int | None = None) -> None:
+        from tokenizers import Tokenizer  # optional dependency, only for checkpoints
+
+        self._tok = Tokenizer.from_file(str(Path(directory) / "tokenizer.json"))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        cfg_path = Path(directory) / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+
+        def tok_id(key: str) -> int | None:
+            val = cfg.get(key)
+            if isinstance(val, dict):
+                val = val.get("content")
+            return self._tok.token_to_id(val) if isinstance(val, str) else None
+
+        self.eos_token_id = tok_id("eos_token") if tok_id("eos_token") is not None else eos_token_id
+        self.bos_token_id = tok_id("bos_token") if tok_id("bos_token") is not None else bos_token_id
+        self._llama3 = self._tok.token_to_id("<|start_header_id|>") is not None
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if add_bos and self.bos_token_id is not None:
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        if self._llama3:
+            return _render_chat(messages, "<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>")
+        return _render_chat(messages, "<|{role}|>\n", "\n")
+
+
+def load_tokenizer(directory: Path | None, eos_token_id: int | None = None,
+                   bos_token_id: int | None = None):
+    if directory is not None and (Path(directory) / "tokenizer.json").exists():
+        return HFTokenizer(Path(directory), eos_token_id, bos_token_id)
+    return ByteTokenizer()
