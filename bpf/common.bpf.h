@@ -12,10 +12,25 @@
 #include <bpf/bpf_tracing.h>
 #include "agentcg.h"
 
+/*
+ * READ(): direct (BTF-typed, fault-safe) loads in tp_btf builds, which cost a
+ * plain load each; bpf_probe_read_kernel chains (BPF_CORE_READ) for raw_tp,
+ * where arguments are untyped. Both relocate field offsets (CO-RE).
+ */
+#ifdef AGENTCG_DIRECT_READ
+#define READ(expr) (expr)
+#else
+#define READ(expr) ({ typeof(expr) __v; bpf_core_read(&__v, sizeof(__v), &(expr)); __v; })
+#endif
+
 /* The cgroup v2 id (kernfs inode number) of a task's default-hierarchy cgroup. */
 static __always_inline __u64 task_cgroup_id(struct task_struct *t)
 {
-	return BPF_CORE_READ(t, cgroups, dfl_cgrp, kn, id);
+	struct css_set *cs = READ(t->cgroups);
+	struct cgroup *cg = READ(cs->dfl_cgrp);
+	struct kernfs_node *kn = READ(cg->kn);
+
+	return READ(kn->id);
 }
 
 /*
@@ -29,15 +44,18 @@ static __always_inline bool task_under(struct task_struct *t, __u64 root_id, __u
 
 	if (!root_id)
 		return true;
-	cg = BPF_CORE_READ(t, cgroups, dfl_cgrp);
+	struct css_set *cs = READ(t->cgroups);
+
+	cg = READ(cs->dfl_cgrp);
 	if (!cg)
 		return false;
-	level = BPF_CORE_READ(cg, level);
+	level = READ(cg->level);
 	if (level < (int)root_level || root_level > 64)
 		return false;
 	bpf_probe_read_kernel(&anc, sizeof(anc), __builtin_preserve_access_index(&cg->ancestors[root_level]));
 	if (!anc)
 		return false;
+	/* anc came from a probe read: an untyped scalar, so probe reads from here on */
 	return BPF_CORE_READ(anc, kn, id) == root_id;
 }
 

@@ -11,7 +11,8 @@
  *   - oom/mark_victim -> an event naming the victim and its cgroup.
  * It decides nothing: the daemon attributes processes to tool calls, moves
  * them and reacts. Every hook exists twice, as tp_btf (preferred: typed
- * arguments, cheapest) and raw_tp (fallback); the loader keeps one set.
+ * arguments, direct loads: tracker.bpf.o) and raw_tp (fallback, probe reads:
+ * tracker_raw.bpf.o); the loader uses the first that loads.
  */
 #include "common.bpf.h"
 
@@ -95,12 +96,14 @@ static __always_inline struct agentcg_event *reserve(void)
 static __always_inline void fill_task(struct agentcg_event *e, __u32 type, struct task_struct *t, __u64 cgid)
 {
 	e->type = type;
-	e->pid = BPF_CORE_READ(t, pid);
-	e->tgid = BPF_CORE_READ(t, tgid);
-	e->ppid = BPF_CORE_READ(t, real_parent, tgid);
+	e->pid = READ(t->pid);
+	e->tgid = READ(t->tgid);
+	struct task_struct *parent = READ(t->real_parent);
+
+	e->ppid = READ(parent->tgid);
 	e->ts_ns = bpf_ktime_get_ns();
 	e->cgroup_id = cgid;
-	e->start_ns = BPF_CORE_READ(t, start_time);
+	e->start_ns = READ(t->start_time);
 	bpf_probe_read_kernel_str(e->comm, sizeof(e->comm), &t->comm);
 }
 
@@ -116,7 +119,7 @@ static __always_inline int on_fork(struct task_struct *parent, struct task_struc
 	struct agentcg_event *e;
 	__u64 cgid;
 
-	if (BPF_CORE_READ(child, pid) != BPF_CORE_READ(child, tgid))
+	if (READ(child->pid) != READ(child->tgid))
 		return 0; /* a thread */
 	if (!task_under(child, filter_cgid, filter_level))
 		return 0;
@@ -137,6 +140,7 @@ static __always_inline int on_exec(struct task_struct *p, struct linux_binprm *b
 	struct agentcg_cg_stats *s;
 	struct agentcg_event *e;
 	unsigned long arg_start, arg_end, len;
+	struct mm_struct *mm;
 	const char *fname;
 	__u64 cgid;
 
@@ -150,10 +154,11 @@ static __always_inline int on_exec(struct task_struct *p, struct linux_binprm *b
 	if (!e)
 		return 0;
 	fill_task(e, AGENTCG_EV_EXEC, p, cgid);
-	fname = BPF_CORE_READ(bprm, filename);
+	fname = READ(bprm->filename);
 	bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), fname);
-	arg_start = BPF_CORE_READ(p, mm, arg_start);
-	arg_end = BPF_CORE_READ(p, mm, arg_end);
+	mm = READ(p->mm);
+	arg_start = READ(mm->arg_start);
+	arg_end = READ(mm->arg_end);
 	len = arg_end > arg_start ? arg_end - arg_start : 0;
 	if (len > AGENTCG_ARGS_LEN) {
 		len = AGENTCG_ARGS_LEN;
@@ -170,11 +175,11 @@ static __always_inline int on_exit(struct task_struct *p)
 {
 	struct agentcg_cg_stats *s;
 	struct agentcg_event *e;
-	__u32 pid = BPF_CORE_READ(p, pid);
+	__u32 pid = READ(p->pid);
 	__u64 cgid;
 
 	bpf_map_delete_elem(&runq_start, &pid);
-	if (pid != BPF_CORE_READ(p, tgid))
+	if (pid != READ(p->tgid))
 		return 0; /* a thread */
 	if (!task_under(p, filter_cgid, filter_level))
 		return 0;
@@ -186,7 +191,7 @@ static __always_inline int on_exit(struct task_struct *p)
 	if (!e)
 		return 0;
 	fill_task(e, AGENTCG_EV_EXIT, p, cgid);
-	e->exit_code = BPF_CORE_READ(p, exit_code);
+	e->exit_code = READ(p->exit_code);
 	submit(e);
 	return 0;
 }
@@ -214,7 +219,7 @@ static __always_inline int on_oom_victim(struct task_struct *p)
 /* Run-queue latency: remember when a watched task became runnable. */
 static __always_inline int runq_enqueued(struct task_struct *p)
 {
-	__u32 pid = BPF_CORE_READ(p, pid);
+	__u32 pid = READ(p->pid);
 	__u64 ts;
 
 	if (!pid || !task_under(p, filter_cgid, filter_level))
@@ -233,7 +238,7 @@ static __always_inline int on_switch(struct task_struct *prev, struct task_struc
 
 	if (prev_state == 0) /* TASK_RUNNING: preempted, back on the run queue */
 		runq_enqueued(prev);
-	pid = BPF_CORE_READ(next, pid);
+	pid = READ(next->pid);
 	start = bpf_map_lookup_elem(&runq_start, &pid);
 	if (!start)
 		return 0;
@@ -259,7 +264,8 @@ static __always_inline int on_switch(struct task_struct *prev, struct task_struc
 	return 0;
 }
 
-/* tp_btf: typed arguments. */
+#ifdef AGENTCG_DIRECT_READ
+/* tp_btf: typed arguments (built as tracker.bpf.o). */
 SEC("tp_btf/sched_process_fork")
 int BPF_PROG(tp_btf_fork, struct task_struct *parent, struct task_struct *child)
 { return on_fork(parent, child); }
@@ -288,7 +294,8 @@ SEC("tp_btf/sched_switch")
 int BPF_PROG(tp_btf_switch, bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state)
 { return on_switch(prev, next, prev_state); }
 
-/* raw_tp: the same hooks where tp_btf is unavailable. */
+#else
+/* raw_tp: the same hooks where tp_btf is unavailable (built as tracker_raw.bpf.o). */
 SEC("raw_tp/sched_process_fork")
 int BPF_PROG(raw_tp_fork, struct task_struct *parent, struct task_struct *child)
 { return on_fork(parent, child); }
@@ -316,3 +323,4 @@ int BPF_PROG(raw_tp_wakeup_new, struct task_struct *p)
 SEC("raw_tp/sched_switch")
 int BPF_PROG(raw_tp_switch, bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state)
 { return on_switch(prev, next, prev_state); }
+#endif

@@ -174,7 +174,9 @@ class Tracker:
     def __init__(self, root_cgroup: str | os.PathLike | None, *, runq: bool = True,
                  lb: Libbpf | None = None, obj_dir: Path | None = None, prefer: str = "tp_btf"):
         self._lb = lb or Libbpf.get()
-        self.path = str((obj_dir or objects_dir()) / "tracker.bpf.o")
+        odir = obj_dir or objects_dir()
+        self._files = {"tp_btf": str(odir / "tracker.bpf.o"), "raw_tp": str(odir / "tracker_raw.bpf.o")}
+        self.path = self._files[prefer]
         if not os.path.exists(self.path):
             raise FileNotFoundError(f"{self.path} not built: run `make -C bpf`")
         self.root_cgroup = str(root_cgroup) if root_cgroup else None
@@ -211,6 +213,7 @@ class Tracker:
             raise
 
     def _open_load(self, flavor: str) -> None:
+        self.path = self._files[flavor]
         obj = BpfObject(self._lb, self.path)
         self._obj = obj
         knobs: dict[str, int] = {}
@@ -549,22 +552,32 @@ class BpfHook:
         if self.tracker is None:
             return
         loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
         fd = self.tracker.epoll_fd()
-        loop.add_reader(fd, wake.set)
+        # events are handled in the reader callback itself: no extra loop iteration
+        # between the ring buffer's wakeup and the move into the call cgroup
+        loop.add_reader(fd, self._drain, daemon)
         try:
             while True:
-                try:
-                    await asyncio.wait_for(wake.wait(), timeout=0.2)
-                except asyncio.TimeoutError:
-                    pass
-                wake.clear()
                 self._sync_agents(daemon)
-                for ev in self.tracker.poll(0):
-                    for d in self.attr.feed(ev):
-                        self._apply(daemon, d)
+                self._drain(daemon)
+                await asyncio.sleep(0.1)
         finally:
             loop.remove_reader(fd)
+
+    def _drain(self, daemon) -> None:
+        if self.tracker is None:
+            return
+        try:
+            events = self.tracker.poll(0)
+        except LibbpfError:
+            return
+        for ev in events:
+            for d in self.attr.feed(ev):
+                try:
+                    self._apply(daemon, d)
+                except Exception:  # one bad decision must not stop the tracker
+                    import logging
+                    logging.getLogger("agentcg.bpf").exception("applying %s failed", d)
 
     def _sync_agents(self, daemon) -> None:
         """Sessions with attached agent pids are in automatic mode."""
@@ -587,6 +600,7 @@ class BpfHook:
         s = daemon.sessions.get(d.session)
         if s is None:
             return None
+        seen_ns = time.monotonic_ns()
         peer = Peer(pid=os.getpid(), uid=0, gid=0, conn=0)
         msg = {"session": d.session, "pid": d.root_pid, "name": d.program, "argv": [d.cmdline],
                "intent": dict(d.intent)}
@@ -612,7 +626,8 @@ class BpfHook:
         self.auto_calls += 1
         daemon.emit({"type": "call.auto", "uid": s.uid, "session": d.session, "call": n, "pid": d.root_pid,
                      "pids": list(d.pids), "command": d.cmdline, "reason": d.reason,
-                     "placement_us": (placed_ns - d.exec_ts_ns) / 1000})
+                     "placement_us": (placed_ns - d.exec_ts_ns) / 1000,
+                     "seen_us": (seen_ns - d.exec_ts_ns) / 1000})
         return n
 
     def _apply(self, daemon, d) -> None:
