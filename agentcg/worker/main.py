@@ -7,10 +7,13 @@ socket, prints one ready line with the URL, and runs until SIGINT/SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 
 import click
@@ -30,23 +33,15 @@ def _is_loopback(host: str) -> bool:
 
 
 class _Progress:
-    """Prints model-loading progress to stderr, one line per step."""
+    """Prints the engine's loading progress to stderr, one line per step."""
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.t0 = time.monotonic()
 
-    def __call__(self, *args, **kw) -> None:
-        if self.quiet:
-            return
-        if len(args) == 1 and isinstance(args[0], str):
-            text = args[0]
-        elif len(args) >= 2 and all(isinstance(a, int) for a in args[-2:]):
-            what = " ".join(str(a) for a in args[:-2]) or "layer"
-            text = f"{what} {args[-2]}/{args[-1]}"
-        else:
-            text = " ".join(str(a) for a in args) + "".join(f" {k}={v}" for k, v in kw.items())
-        click.echo(f"agentcg-worker: loading model … {text} ({time.monotonic() - self.t0:.1f}s)", err=True)
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            click.echo(f"agentcg-worker: {msg} ({time.monotonic() - self.t0:.1f}s)", err=True)
 
 
 def _blocks_option(ctx, param, value):
@@ -138,18 +133,13 @@ def main(model, device, dtype, host, port, control_socket, control_socket_mode, 
     except ImportError as e:
         raise click.ClickException(f"the worker needs its extra dependencies ({e}); install agentcg[worker]")
 
-    kw = dict(model=model, device=device, dtype=dtype, block_size=block_size, gpu_blocks=gpu_blocks,
-              max_batch=max_batch, seed=seed)
-    if host_blocks is not None:
-        kw["host_blocks"] = host_blocks
     try:
-        cfg = EngineConfig(**kw)
+        cfg = EngineConfig(model=model, device=device, dtype=dtype, block_size=block_size,
+                           gpu_blocks=gpu_blocks, host_blocks=host_blocks, max_batch=max_batch, seed=seed)
     except (TypeError, ValueError) as e:
         raise click.ClickException(f"bad engine configuration: {e}")
 
     progress = _Progress(quiet)
-    if not quiet:
-        click.echo(f"agentcg-worker: loading model {model} (device {device})", err=True)
     t0 = time.monotonic()
     try:
         engine = Engine(cfg, progress=progress)
@@ -162,12 +152,38 @@ def main(model, device, dtype, host, port, control_socket, control_socket_mode, 
     app = create_app(aeng, model_name=served_model_name, api_key=api_key)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
                             timeout_graceful_shutdown=5, lifespan="on")
-    server = uvicorn.Server(config)
+    server = _Server(config)
     try:
         rc = asyncio.run(_serve(server, control, app.state.model_name, engine, load_s))
     finally:
         aeng.close()
     sys.exit(rc)
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, but a SIGTERM/SIGINT ends in a clean exit (status 0)
+        after shutdown instead of being raised again once the server stopped."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in originals.items():
+                    signal.signal(sig, handler)
+
+    return Server
+
+
+def _Server(config):
+    return _server_class()(config)
 
 
 async def _serve(server, control, model_name: str, engine, load_s: float) -> int:

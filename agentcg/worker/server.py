@@ -86,7 +86,8 @@ def _require_unsupported(body: dict, name: str, ok: Any, why: str) -> None:
         raise ApiError(f"{name}: {why} (got {_short(v)})", param=name)
 
 
-def parse_sampling(body: dict, *, chat: bool, prompt_len: int, max_model_len: int | None) -> dict:
+def parse_sampling(body: dict, *, chat: bool, prompt_len: int, max_model_len: int | None,
+                   pool_tokens: int | None = None) -> dict:
     """Common generation fields -> dict(max_tokens, temperature, stop, stream, include_usage)."""
     stream = _field(body, "stream", (bool,), False, "true or false")
     stream_options = _field(body, "stream_options", (dict,), {}, "an object")
@@ -103,7 +104,10 @@ def parse_sampling(body: dict, *, chat: bool, prompt_len: int, max_model_len: in
                        f"{max_model_len} tokens", param="messages" if chat else "prompt",
                        code="context_length_exceeded")
     if chat:
+        # The rest of the context, but no more than the KV pool can hold next to the prompt.
         default = room if room is not None else DEFAULT_CHAT_MAX_TOKENS
+        if pool_tokens is not None and pool_tokens - prompt_len >= 1:
+            default = min(default, pool_tokens - prompt_len)
     else:
         default = DEFAULT_COMPLETION_MAX_TOKENS if room is None else min(DEFAULT_COMPLETION_MAX_TOKENS, room)
     max_tokens = _field(body, key, (int,), default, "a positive integer")
@@ -391,6 +395,14 @@ def create_app(aeng: AsyncEngine, *, model_name: str | None = None, control=None
             if delta:
                 yield delta, None, n
 
+    async def pool_capacity_tokens() -> int | None:
+        """Tokens the device KV pool holds now (it shrinks and grows at run time)."""
+        try:
+            st = await aeng.call(lambda e: e.stats())
+            return int(st["gpu_blocks_online"]) * int(st["block_size"])
+        except (KeyError, TypeError, ValueError):
+            return None
+
     def usage(prompt_len: int, n: int) -> dict:
         return {"prompt_tokens": prompt_len, "completion_tokens": n, "total_tokens": prompt_len + n}
 
@@ -470,7 +482,11 @@ def create_app(aeng: AsyncEngine, *, model_name: str | None = None, control=None
         messages = parse_messages(body)
         rendered = tokenizer.apply_chat_template(messages)
         prompt_ids = encode_text(tokenizer, rendered) if isinstance(rendered, str) else list(rendered)
-        sp = parse_sampling(body, chat=True, prompt_len=len(prompt_ids), max_model_len=max_model_len)
+        pool_tokens = None
+        if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+            pool_tokens = await pool_capacity_tokens()
+        sp = parse_sampling(body, chat=True, prompt_len=len(prompt_ids), max_model_len=max_model_len,
+                            pool_tokens=pool_tokens)
         return await complete("chat", body, prompt_ids, sp, session)
 
     @app.post("/v1/completions")
@@ -505,9 +521,8 @@ def create_app(aeng: AsyncEngine, *, model_name: str | None = None, control=None
 
 
 def _engine_max_len(engine: Any) -> int | None:
-    for obj, name in ((engine, "max_model_len"), (engine, "max_seq_len"),
-                      (getattr(engine, "model_config", None), "max_seq_len"),
-                      (getattr(engine, "shape", None), "max_positions")):
+    model = getattr(engine, "model", None)
+    for obj, name in ((engine, "max_model_len"), (getattr(model, "shape", None), "max_positions")):
         v = getattr(obj, name, None) if obj is not None else None
         if isinstance(v, int) and v > 0:
             return v
@@ -515,7 +530,7 @@ def _engine_max_len(engine: Any) -> int | None:
 
 
 def _vocab_size(engine: Any) -> int | None:
-    for obj in (engine.tokenizer, getattr(engine, "shape", None), getattr(engine, "model_config", None)):
+    for obj in (getattr(getattr(engine, "model", None), "shape", None), engine.tokenizer):
         v = getattr(obj, "vocab_size", None) if obj is not None else None
         if isinstance(v, int) and v > 0:
             return v
