@@ -225,3 +225,44 @@ def test_refuses_hybrid_host_with_the_fix(tmp_path):
     assert out.returncode == 3
     assert "refusing to start" in out.stderr and "cgroup_no_v1=all" in out.stderr
     assert not Path(f"{info.cgroup2_mount}/agentcg-refuse-{os.getpid()}").exists()
+
+
+def test_clean_stop_leaves_calls_running_and_teardown_removes_everything(daemon):
+    c = Client(daemon.socket)
+    s = c.session("stop")
+    h = s.tool_call("sleep").popen(["sleep", "30"])
+    daemon.stop(signal.SIGTERM)                        # clean stop: agents keep running
+    assert daemon.proc.returncode == 0
+    assert h.proc.poll() is None and (daemon.root / "s-stop" / f"c-{h.number}").is_dir()
+    daemon.args.append("--teardown")
+    daemon.start()
+    daemon.stop(signal.SIGTERM)                        # --teardown: kill and remove the tree
+    assert h.proc.wait(10) == -signal.SIGKILL
+    assert not (daemon.root / "s-stop").exists()
+
+
+def test_straggler_policy_keep(request, tmp_path):
+    mnt = require_cgroup2()
+    conf = tmp_path / "agentcg.toml"
+    conf.write_text('[daemon]\nstraggler_policy = "keep"\nwatch_interval_ms = 50\n')
+    gen = start_daemon(request, mnt)
+    d = next(gen)
+    try:
+        d.stop()
+        d.args += ["--config", str(conf)]
+        d.start()
+        c = Client(d.socket)
+        s = c.session("keep")
+        r = s.run(["sh", "-c", "sleep 0.5 >/dev/null 2>&1 &"])
+        assert r.stats["stragglers"] == 1 and r.stats["stragglers_action"] == "kept"
+        assert [f["kind"] for f in r.feedback] == ["stragglers_kept"]
+        call_dir = d.root / "s-keep" / f"c-{r.call}"
+        assert call_dir.is_dir()                       # kept while the straggler runs
+        deadline = time.monotonic() + 10
+        while call_dir.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not call_dir.exists()                   # removed once it exited
+        s.end()
+    finally:
+        for _ in gen:
+            pass
