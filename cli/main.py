@@ -107,15 +107,22 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(out.to_json(st))
         return
-    for key, value in st.items():
-        if isinstance(value, dict):
-            click.echo(f"{key}:")
-            for k, v in value.items():
-                click.echo(f"  {k}: {_scalar(k, v)}")
+    for line in _tree_lines(st):
+        click.echo(line)
+
+
+def _tree_lines(data: dict, indent: str = "") -> list[str]:
+    """Nested dicts as an indented outline; lists of scalars on one line."""
+    lines = []
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            lines.append(f"{indent}{key}:")
+            lines.extend(_tree_lines(value, indent + "  "))
         elif isinstance(value, list):
-            click.echo(f"{key}: {', '.join(map(str, value)) or '-'}")
+            lines.append(f"{indent}{key}: {', '.join(_scalar(key, v) for v in value) or '-'}")
         else:
-            click.echo(f"{key}: {_scalar(key, value)}")
+            lines.append(f"{indent}{key}: {_scalar(key, value)}")
+    return lines
 
 
 def _scalar(key: str, value: Any) -> str:

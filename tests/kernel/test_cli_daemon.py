@@ -140,6 +140,8 @@ def test_status_and_events_json(daemon_env):
     env, root = daemon_env
     st = json.loads(run(env, "status", "--json").stdout)
     assert st["daemon"]["cgroup_root"] == str(root)
+    text = run(env, "status").stdout
+    assert text.startswith("daemon:\n") and f"  cgroup_root: {root}\n" in text
     run(env, "run", "--name", "evt", "--", "true")
     evs = [json.loads(line) for line in run(env, "events", "--json").stdout.splitlines()]
     assert any(e.get("type") == "call.end" and e.get("name") == "evt" for e in evs)
