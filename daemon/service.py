@@ -26,7 +26,7 @@ from agentcg.core.intents import (BudgetError, Intent, IntentError, call_limits,
 from agentcg.core.model import CallStats, Limits
 
 from .hooks import Hooks
-from .state import CallRecord, SessionRecord, load_state, save_state
+from .state import CallRecord, SessionRecord, load_state, state_json, write_atomic
 
 log = logging.getLogger("agentcg.daemon")
 
@@ -97,19 +97,24 @@ class Daemon:
         self.enabled_controllers: set[str] = set()
         self._finalising: set[tuple[str, int]] = set()
         self.lingering: set[str] = set()        # kept call cgroups waiting for their stragglers
+        self._log_f = None
 
     # -- persistence & events ----------------------------------------------
     def save(self) -> None:
+        """Persist the state before a reply goes out, so that a crash right
+        after it cannot lose a started call. /run is tmpfs: a rename there
+        costs tens of microseconds."""
         try:
-            save_state(self.cfg.state_file, str(self.cgfs.root), self.sessions)
+            write_atomic(self.cfg.state_file, state_json(str(self.cgfs.root), self.sessions))
         except OSError as exc:
             log.error("cannot write state file %s: %s", self.cfg.state_file, exc)
 
     def emit(self, event: dict[str, Any]) -> None:
         event = {"time": time.time(), **event}
         try:
-            with open(self.cfg.event_log_file, "a") as f:
-                f.write(json.dumps(event, separators=(",", ":")) + "\n")
+            if self._log_f is None:
+                self._log_f = open(self.cfg.event_log_file, "a", buffering=1)
+            self._log_f.write(json.dumps(event, separators=(",", ":")) + "\n")
         except OSError as exc:
             log.error("cannot append to event log %s: %s", self.cfg.event_log_file, exc)
         for peer, q in list(self.subscribers):

@@ -83,14 +83,23 @@ class SessionRecord:
         return s
 
 
-def save_state(path: str | Path, root: str, sessions: dict[str, SessionRecord]) -> None:
+def state_json(root: str, sessions: dict[str, SessionRecord]) -> str:
+    return json.dumps({"version": STATE_VERSION, "cgroup_root": root,
+                       "sessions": {name: s.to_dict() for name, s in sessions.items()}},
+                      separators=(",", ":"))
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write to a temporary file next to `path`, then rename it over `path`."""
     path = Path(path)
-    data = {"version": STATE_VERSION, "cgroup_root": root,
-            "sessions": {name: s.to_dict() for name, s in sessions.items()}}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
-        json.dump(data, f, separators=(",", ":"))
+        f.write(text)
     os.replace(tmp, path)
+
+
+def save_state(path: str | Path, root: str, sessions: dict[str, SessionRecord]) -> None:
+    write_atomic(path, state_json(root, sessions))
 
 
 def load_state(path: str | Path) -> tuple[str | None, dict[str, SessionRecord]]:
