@@ -168,3 +168,33 @@ def test_unknown_session_is_an_error_not_a_silent_plain_run(daemon_env):
     assert res.returncode == 125
     assert res.stdout == ""
     assert "nosuch" in res.stderr
+
+
+def test_run_missing_program_is_127(daemon_env):
+    env, root = daemon_env
+    res = run(env, "run", "--", "no-such-program-agentcg")
+    assert res.returncode == 127
+    assert "command not found" in res.stderr
+    assert not [p for p in root.iterdir() if p.name.startswith("s-run-")]
+
+
+def test_events_follow_streams_new_calls(daemon_env):
+    env, _ = daemon_env
+    follower = subprocess.Popen(AGENTCG + ["events", "--follow", "--new", "--json"], env=env,
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)  # let it subscribe
+        assert run(env, "run", "--name", "followed", "--", "true").returncode == 0
+        deadline = time.monotonic() + 30
+        seen = []
+        while time.monotonic() < deadline:
+            ev = json.loads(follower.stdout.readline())
+            seen.append(ev.get("type"))
+            if ev.get("type") == "call.end":
+                assert ev["name"] == "followed"
+                break
+        assert "call.end" in seen, seen
+        assert "session.create" in seen
+    finally:
+        follower.send_signal(signal.SIGTERM)
+        follower.wait(10)
