@@ -266,3 +266,38 @@ def test_straggler_policy_keep(request, tmp_path):
     finally:
         for _ in gen:
             pass
+
+
+def test_attach_and_end_moves_the_agent_back(daemon):
+    c = Client(daemon.socket)
+    agent = subprocess.Popen(["sleep", "30"])
+    try:
+        before = Path(f"/proc/{agent.pid}/cgroup").read_text()
+        s = c.session("att")
+        s.attach(agent.pid)
+        assert c.show("att")["agent_pids"] == [agent.pid]
+        mount = detect_hierarchy().cgroup2_mount
+        line = [x for x in Path(f"/proc/{agent.pid}/cgroup").read_text().splitlines() if x.startswith("0::")][0]
+        assert mount + line[3:] == str(daemon.root / "s-att" / "agent")
+        s.end()
+        assert Path(f"/proc/{agent.pid}/cgroup").read_text() == before
+        assert agent.poll() is None                       # ending a session never kills the agent
+    finally:
+        agent.kill()
+        agent.wait()
+
+
+def test_oversized_message_is_refused_without_buffering(daemon):
+    import socket as so
+    from agentcg import protocol as p
+    s = so.socket(so.AF_UNIX, so.SOCK_STREAM)
+    s.connect(daemon.socket)
+    s.settimeout(10)
+    try:
+        s.sendall(b'{"v":1,"id":1,"op":"status","pad":"' + b"x" * (2 << 20))
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    reply = p.decode(p.LineReader(s).readline())
+    assert reply["ok"] is False and reply["error"]["code"] == "too_large"
+    s.close()
+    assert Client(daemon.socket).status()["daemon"]["pid"] == daemon.proc.pid   # still serving
