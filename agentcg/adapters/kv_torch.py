@@ -223,8 +223,12 @@ class KVPool:
         # [l1-l0, b-a, 2, bs, H, D]
         return self._staging[slot][:n].view(p.l1 - p.l0, p.b - p.a, 2, self.bs, self.H, self.D)
 
-    def _gather_piece(self, p: Piece, blocks: list[int], out: torch.Tensor) -> list[torch.Tensor]:
-        plan = self.gather_plan(blocks[p.first_index + p.a:p.first_index + p.b])
+    def _piece_plans(self, pieces: list[Piece], blocks: list[int]) -> list[GatherPlan]:
+        """Index tensors of every piece, made before any copy is issued: making
+        them later, inside the copy streams, would stall the host on those streams."""
+        return [self.gather_plan(blocks[p.first_index + p.a:p.first_index + p.b]) for p in pieces]
+
+    def _gather_piece(self, p: Piece, plan: GatherPlan, out: torch.Tensor) -> list[torch.Tensor]:
         keep = []
         for c, pos, loc in plan.parts:
             src = self.chunks[c][p.l0:p.l1]                         # [nl, cb, 2, bs, H, D]
@@ -236,8 +240,7 @@ class KVPool:
             keep.append(loc)
         return keep
 
-    def _scatter_piece(self, p: Piece, blocks: list[int], src: torch.Tensor) -> list[torch.Tensor]:
-        plan = self.gather_plan(blocks[p.first_index + p.a:p.first_index + p.b])
+    def _scatter_piece(self, p: Piece, plan: GatherPlan, src: torch.Tensor) -> list[torch.Tensor]:
         keep = []
         for c, pos, loc in plan.parts:
             dst = self.chunks[c][p.l0:p.l1]
@@ -252,11 +255,12 @@ class KVPool:
         reused by compute as soon as this returns: the compute stream waits
         for the gathers."""
         pieces = self.pieces(runs)
+        plans = self._piece_plans(pieces, gpu_blocks)
         nbytes = len(gpu_blocks) * self.block_bytes
         if not self.cuda:
-            for p in pieces:
+            for i, p in enumerate(pieces):
                 view = self._staging_view(0, p)
-                self._gather_piece(p, gpu_blocks, view)
+                self._gather_piece(p, plans[i], view)
                 self.host_run(p.run_start, p.run_n)[p.l0:p.l1, p.a:p.b].copy_(view)
             return SwapHandle(owner, "out", nbytes)
         compute = torch.cuda.current_stream(self.device)
@@ -272,7 +276,7 @@ class KVPool:
             with torch.cuda.stream(self.dev_stream):
                 if self._slot_free[s] is not None:
                     self.dev_stream.wait_event(self._slot_free[s])
-                keep += self._gather_piece(p, gpu_blocks, view)
+                keep += self._gather_piece(p, plans[i], view)
                 gathered = torch.cuda.Event()
                 gathered.record(self.dev_stream)
             with torch.cuda.stream(self.link_stream):
@@ -293,12 +297,13 @@ class KVPool:
         """Copy the host runs into gpu_blocks (table order). Compute that reads
         layer l of these blocks must wait for handle.layer_ready[l] first."""
         pieces = self.pieces(runs)
+        plans = self._piece_plans(pieces, gpu_blocks)
         nbytes = len(gpu_blocks) * self.block_bytes
         if not self.cuda:
-            for p in pieces:
+            for i, p in enumerate(pieces):
                 view = self._staging_view(0, p)
                 view.copy_(self.host_run(p.run_start, p.run_n)[p.l0:p.l1, p.a:p.b])
-                self._scatter_piece(p, gpu_blocks, view)
+                self._scatter_piece(p, plans[i], view)
             return SwapHandle(owner, "in", nbytes, [None] * self.L)
         compute = torch.cuda.current_stream(self.device)
         ready = torch.cuda.Event()
@@ -326,7 +331,7 @@ class KVPool:
                 loaded.record(self.link_stream)
             with torch.cuda.stream(self.dev_stream):
                 self.dev_stream.wait_event(loaded)
-                keep += self._scatter_piece(p, gpu_blocks, view)
+                keep += self._scatter_piece(p, plans[i], view)
                 ev = torch.cuda.Event()
                 ev.record(self.dev_stream)
                 self._slot_free[s] = ev

@@ -158,11 +158,13 @@ class Llama:
         return x * cos + rot * sin
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:       # fused kernel, fp32 accumulation
+            return F.rms_norm(x, (x.shape[-1],), w, self.shape.norm_eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.shape.norm_eps)
         return xf.to(x.dtype) * w
 
-    def _qkv(self, lw: dict, x: torch.Tensor, pos: torch.Tensor):
+    def _qkv(self, lw: dict, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         s = self.shape
         hd = s.head_dim
         qkv = self._norm(x, lw["n1"]) @ lw["wqkv"].T          # [T, (Hq+2H)*D]
@@ -170,9 +172,12 @@ class Llama:
         q = qkv[:, :s.n_heads * hd].view(T, s.n_heads, hd)
         k = qkv[:, s.n_heads * hd:(s.n_heads + s.n_kv_heads) * hd].view(T, s.n_kv_heads, hd)
         v = qkv[:, (s.n_heads + s.n_kv_heads) * hd:].view(T, s.n_kv_heads, hd)
-        cos, sin = self._rope_tables(int(pos.max()) + 1 if T else 1)
-        c, sn = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
+        c, sn = rope
         return self._rope(q, c, sn), self._rope(k, c, sn), v
+
+    def _rope_for(self, pos: torch.Tensor, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self._rope_tables(max_pos + 1)
+        return cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)           # [T, 1, D] each
 
     def _mlp(self, lw: dict, x: torch.Tensor) -> torch.Tensor:
         gu = self._norm(x, lw["n2"]) @ lw["wgu"].T            # [T, 2*ffn]
@@ -185,7 +190,8 @@ class Llama:
         qt = q.transpose(0, 1)                                       # [Hq, T, D]
         kt = k.transpose(0, 1).repeat_interleave(G, dim=0)           # [Hq, T, D]
         vt = v.transpose(0, 1).repeat_interleave(G, dim=0)
-        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+        # 4-D [1, Hq, T, D] so that the fused (flash) kernels apply
+        o = F.scaled_dot_product_attention(qt[None], kt[None], vt[None], is_causal=True)[0]
         return o.transpose(0, 1).reshape(q.shape[0], -1)
 
     # ------------------------------------------------------------ reference
@@ -193,9 +199,9 @@ class Llama:
     def reference_forward(self, ids: list[int]) -> torch.Tensor:
         """Plain forward of one sequence, no cache: -> logits [T, vocab] fp32."""
         x = self.w["emb"][torch.tensor(ids, device=self.device)]
-        pos = torch.arange(len(ids), device=self.device)
+        rope = self._rope_for(torch.arange(len(ids), device=self.device), len(ids))
         for lw in self.w["layers"]:
-            q, k, v = self._qkv(lw, x, pos)
+            q, k, v = self._qkv(lw, x, rope)
             x = x + self._causal_attn(q, k, v) @ lw["wo"].T
             x = x + self._mlp(lw, x)
         return (self._norm(x, self.w["norm"]) @ self.w["head"].T).float()
@@ -210,8 +216,9 @@ class Llama:
         Returns logits [len(batch.logits_idx), vocab] fp32.
         """
         x = self.w["emb"][ids]                                   # [T, dim]
+        rope = self._rope_for(pos, batch.max_pos)
         for layer, lw in enumerate(self.w["layers"]):
-            q, k, v = self._qkv(lw, x, pos)
+            q, k, v = self._qkv(lw, x, rope)
             batch.wait_layer(layer)
             kv.write(layer, batch.write_plan, k, v)
             o = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
@@ -255,7 +262,8 @@ class Llama:
         for a in range(0, n, step):
             b = min(n, a + step)
             qpos = torch.arange(p0 + a, p0 + b, device=q.device)
-            mask = keys.unsqueeze(0) <= qpos.unsqueeze(1)       # [b-a, ctx]
-            out[:, :, a:b] = F.scaled_dot_product_attention(
-                qg[:, :, a:b], kvt[0].unsqueeze(1), kvt[1].unsqueeze(1), attn_mask=mask)
+            mask = (keys.unsqueeze(0) <= qpos.unsqueeze(1)).repeat(G, 1)   # [G*(b-a), ctx]
+            qc = qg[:, :, a:b].reshape(H, G * (b - a), D)        # group folded into the query axis
+            o = F.scaled_dot_product_attention(qc[None], kvt[0][None], kvt[1][None], attn_mask=mask)[0]
+            out[:, :, a:b] = o.view(H, G, b - a, D)
         return out.permute(2, 0, 1, 3).reshape(n, Hq * D)

@@ -29,6 +29,7 @@ class StepBatch:
     decode_mask: torch.Tensor | None          # [B, 1, 1, nb*bs] bool, True = attend
     prefills: list[PrefillSpan]
     logits_idx: torch.Tensor                  # [N] token index whose logits are sampled
+    max_pos: int = 0
     waits: list[SwapHandle] = field(default_factory=list)
 
     def wait_layer(self, layer: int) -> None:
@@ -80,7 +81,7 @@ def build_batch(items: list[tuple[object, int, list[int]]], kv: KVPool,
         lens = torch.tensor(ctx, device=dev)
         decode_mask = (torch.arange(nb * bs, device=dev).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
     batch = StepBatch(kv.write_plan(slots), len(dec), decode_gather, decode_mask, spans,
-                      torch.tensor(logits_idx, dtype=torch.long, device=dev), waits)
+                      torch.tensor(logits_idx, dtype=torch.long, device=dev), max(pos), waits)
     return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
             batch, sampled)
 
