@@ -301,3 +301,21 @@ def test_oversized_message_is_refused_without_buffering(daemon):
     assert reply["ok"] is False and reply["error"]["code"] == "too_large"
     s.close()
     assert Client(daemon.socket).status()["daemon"]["pid"] == daemon.proc.pid   # still serving
+
+
+def test_async_client_runs_a_placed_call(daemon):
+    import asyncio
+    from agentcg.client.aio import AsyncClient
+
+    async def go():
+        async with AsyncClient(daemon.socket) as c:
+            async with await c.session("aio") as s:
+                r = await s.run(["cat", "/proc/self/cgroup"], intent="pids=8", stdout=subprocess.PIPE)
+                assert r.exit_status == 0 and r.limits["pids_max"] == 8
+                assert r.stdout.decode().strip().endswith("/s-aio/c-1")
+                r2 = await s.run(["sh", "-c", "exit 4"])
+                assert r2.exit_status == 4 and r2.call == 2
+            assert await c.sessions() == []
+            kinds = [e["type"] async for e in c.events(session="aio")]
+            assert kinds[0] == "session.create" and kinds[-1] == "session.end"
+    asyncio.run(go())
