@@ -72,10 +72,11 @@ def _blocks_option(ctx, param, value):
 @click.option("--block-size", type=int, default=16, show_default=True, callback=_blocks_option,
               help="Tokens per KV cache block.")
 @click.option("--gpu-blocks", type=int, default=None, callback=_blocks_option,
-              help="KV blocks in the device pool [default: sized from free device memory].")
+              help="KV blocks in the device pool [default: 90% of free device memory less 4 GiB on "
+                   "cuda, 512 on cpu].")
 @click.option("--host-blocks", type=int, default=None, callback=_blocks_option,
-              help="KV blocks in the pinned host pool that swapped-out sessions move to "
-                   "[default: the engine's].")
+              help="KV blocks in the (pinned) host pool that swapped-out sessions move to "
+                   "[default: 8 GiB worth].")
 @click.option("--max-batch", type=int, default=32, show_default=True, callback=_blocks_option,
               help="Most sequences decoded together in one step.")
 @click.option("--seed", type=int, default=0, show_default=True,
