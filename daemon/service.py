@@ -166,9 +166,14 @@ class Daemon:
                                "name": lost.name, "reason": "cgroup vanished while the daemon was down"})
             for n in dirs:
                 if n not in s.calls:
+                    # no record (state written before the call started): rebuild what the
+                    # tree knows, the start from the directory's creation, the limits from its files
+                    rel = f"{s.rel}/c-{n}"
+                    born = self.cgfs.created_time(rel) or time.time()
+                    age_ns = max(0, int((time.time() - born) * 1e9))
                     s.calls[n] = CallRecord(session=name, n=n, name="(adopted)", uid=s.uid, pid=0,
-                                            intent=Intent(), limits=Limits(), start_ns=now_ns,
-                                            start_time=time.time())
+                                            intent=Intent(), limits=Limits.from_dict(self.cgfs.read_limits(rel)),
+                                            start_ns=now_ns - age_ns, start_time=born)
                     counts["adopted"] += 1
                 s.calls[n].conn = None  # its client's connection died with the old daemon
                 counts["calls"] += 1

@@ -276,6 +276,34 @@ class CgroupFs:
             stats["io_read_bytes"] = stats["io_write_bytes"] = None
         return stats
 
+    def read_limits(self, rel: str) -> dict[str, int | None]:
+        """Current limits as `Limits` fields (None = "max" or not available)."""
+        def weight(name: str) -> int | None:
+            text = self.read(rel, name)
+            if not text:
+                return None
+            for tok in text.split():
+                if tok.isdigit():
+                    return int(tok)
+            return None
+        cpu_max = None
+        text = self.read(rel, "cpu.max")
+        if text and not text.startswith("max"):
+            quota, period = text.split()[:2]
+            cpu_max = int(quota) * 100 // int(period)
+        return {"memory_high_bytes": self.read_int(rel, "memory.high"),
+                "memory_max_bytes": self.read_int(rel, "memory.max"),
+                "memory_low_bytes": self.read_int(rel, "memory.low") or None,
+                "cpu_weight": weight("cpu.weight"), "cpu_max_pct": cpu_max,
+                "pids_max": self.read_int(rel, "pids.max"), "io_weight": weight("io.weight")}
+
+    def created_time(self, rel: str) -> float | None:
+        """When the cgroup directory was made (wall clock), or None if gone."""
+        try:
+            return os.stat(self.path(rel)).st_ctime
+        except OSError:
+            return None
+
     # -- writing --------------------------------------------------------
     def _write(self, rel: str, name: str, value: str) -> None:
         try:

@@ -124,3 +124,14 @@ def test_parse_proc_cgroup():
     assert parse_proc_cgroup("4:memory:/x\n0::/system.slice/agentcgd.service\n") == \
         "/system.slice/agentcgd.service"
     assert parse_proc_cgroup("4:memory:/x\n") is None
+
+
+def test_read_limits_back(tmp_path):
+    fake_cgroup(tmp_path / "c", {"memory.high": "67108864\n", "memory.max": "max\n", "memory.low": "0\n",
+                                 "cpu.weight": "400\n", "cpu.max": "50000 100000\n", "pids.max": "32\n",
+                                 "io.weight": "default 200\n"})
+    fs = CgroupFs(tmp_path)
+    assert fs.read_limits("c") == {"memory_high_bytes": 64 << 20, "memory_max_bytes": None,
+                                   "memory_low_bytes": None, "cpu_weight": 400, "cpu_max_pct": 50,
+                                   "pids_max": 32, "io_weight": 200}
+    assert fs.created_time("c") is not None and fs.created_time("gone") is None

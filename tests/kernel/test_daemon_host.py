@@ -319,3 +319,18 @@ def test_async_client_runs_a_placed_call(daemon):
             kinds = [e["type"] async for e in c.events(session="aio")]
             assert kinds[0] == "session.create" and kinds[-1] == "session.end"
     asyncio.run(go())
+
+
+def test_restart_without_state_adopts_the_tree(daemon):
+    c = Client(daemon.socket)
+    s = c.session("adopt")
+    h = s.tool_call("sleep").popen(["sh", "-c", "sleep 1; exit 2"])
+    daemon.stop(signal.SIGKILL)
+    (daemon.runtime / "state.json").unlink()          # the state file is lost too
+    daemon.start()
+    sessions = Client(daemon.socket).sessions()
+    assert [x["name"] for x in sessions] == ["adopt"] and sessions[0]["running_calls"] == 1
+    r = h.wait()
+    assert r.exit_status == 2 and r.stats["wall_ns"] >= 900_000_000
+    assert not (daemon.root / "s-adopt" / f"c-{h.number}").exists()
+    s.end()
