@@ -18,7 +18,6 @@ import time
 
 import click
 
-from agentcg.units import parse_bytes
 
 DEFAULT_CONTROL_SOCKET = "/run/agentcg/worker.sock"
 
