@@ -68,6 +68,7 @@ class PolicyLoop:
         self.psi_stall_us = psi_stall_us
         self.psi_window_us = psi_window_us
         self.ticks = 0
+        self.daemon = None
         self.wake_in_ns: int | None = None
         self._pending: dict[str, list[TriggerEvent]] = {}
         self.watch.watch_file("", cgfs.path(""), "memory.events")
@@ -108,6 +109,7 @@ class PolicyLoop:
                 "last_actions": [a.to_dict() for a in self.last]}
 
     async def run(self, daemon) -> None:
+        self.daemon = daemon
         while True:
             timeout = IDLE_TICK_S if self.wake_in_ns is None else max(0.001, self.wake_in_ns / 1e9)
             signals = await self.watch.wait(timeout)
@@ -167,6 +169,10 @@ class PolicyLoop:
             applied = self.executor.apply(action, dry_run=self.dry_run)
             self.last.append(applied)
             done.append(applied)
+            if self.daemon is not None:
+                d = applied.to_dict()
+                d["type"] = "policy.action"
+                self.daemon.emit(d)
             if "/c-" in action.target:
                 self.call_notes.setdefault(action.target, []).append(
                     {"kind": action.kind, "line": applied.line(), "feedback": action.feedback})

@@ -301,3 +301,18 @@ def test_command_hint_gives_big_mark_to_test_runners_only():
 def test_no_action_when_value_already_set():
     c = call("a", 1, cur=1 * M, high=65 * M)
     assert decide(snap([session("a", 1, [c])]), rules("burst_borrow")) == []
+
+
+def test_crowded_host_keeps_the_rest_for_the_higher_priority_and_reports_pressure():
+    lo = call("lo", 1, cur=400 * M, high=400 * M, ev=MemEvents(high=1), started=1)
+    hi = call("hi", 1, cur=300 * M, high=300 * M, ev=MemEvents(high=1), started=2)
+    sessions = [session("lo", 1, [lo], 50 * M), session("hi", 9, [hi], 50 * M)]  # 800M of 900M: > 85%
+    d = plan(snap(sessions, budget=900 * M), rules("burst_borrow"))
+    assert [a.target for a in d.actions] == ["s-hi/c-1"]
+    kinds = sorted((f.kind, f.priority) for f in d.findings)
+    assert kinds == [("denied", 1), ("pressure", 9)]
+
+
+def test_without_a_host_budget_calls_run_unmarked():
+    c = call("a", 1, cur=10 * M)
+    assert decide(snap([session("a", 1, [c])], budget=None), rules("burst_borrow")) == []

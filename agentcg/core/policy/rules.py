@@ -102,9 +102,13 @@ class BurstBorrow(RuleBase):
     reports a memory.high breach) it borrows more, step by step (the larger of
     step_min_bytes and step_pct of its usage), as long as the host keeps
     reserve_pct of its budget free; high-priority sessions are served first.
+    Once host usage passes high_pct of the budget while a call of a higher
+    priority still asks for more, lower priorities get nothing more and that
+    is reported as pressure (so the ladder acts before the host is full).
     Under pressure the ladder's throttle step takes unused borrowing back.
     A call that needs more and cannot get it is reported ("denied"), which
-    drives the ladder.
+    drives the ladder. Without a host budget (the root's memory.max is "max")
+    there is nothing to ration and calls run unmarked.
     {name = "burst_borrow", args = {default_call_bytes = "64M", step_min_bytes = "64M", step_pct = 50.0, reserve_pct = 3.0}}"""
 
     default_call_bytes: int = 64 << 20
@@ -112,12 +116,28 @@ class BurstBorrow(RuleBase):
     step_pct: float = 50.0
     near_pct: float = 90.0
     reserve_pct: float = 3.0
+    high_pct: float = 85.0
 
     def evaluate(self, ctx: Ctx) -> None:
         host = ctx.snap.host
         budget = host.budget_bytes
-        limit = None if budget is None else int(budget * (100 - self.reserve_pct) / 100)
+        if budget is None:  # nothing to ration: calls run unmarked
+            return
+        limit = int(budget * (100 - self.reserve_pct) / 100)
         order = sorted(ctx.snap.calls(), key=lambda sc: (-sc[0].priority, sc[1].started_ns, sc[1].path))
+        asking = [(s, c) for s, c in order if not c.cg.frozen and not ctx.killed_planned(c.path)
+                  and c.cg.memory_high_bytes is not None
+                  and (c.cg.events_delta.high > 0
+                       or c.cg.memory_current_bytes >= c.cg.memory_high_bytes * self.near_pct / 100)]
+        top = max((s.priority for s, _c in asking), default=None)
+        crowded = host.usage_bytes >= budget * self.high_pct / 100
+        if crowded and top is not None and any(s.priority < top for s in ctx.snap.sessions):
+            # the host is filling up while a higher-priority call still grows: keep the
+            # rest for it, and let the ladder act on the lower priorities
+            ctx.findings.append(Finding(
+                self.rule_name, f"host {fb(host.usage_bytes)}", f"{fb(int(budget * self.high_pct / 100))} "
+                f"({self.high_pct:g}% of {fb(budget)}) while priority {top} grows",
+                priority=top))
         for sess, call in order:
             if ctx.killed_planned(call.path) or call.cg.frozen:
                 continue
@@ -139,6 +159,8 @@ class BurstBorrow(RuleBase):
                 continue
             step = max(self.step_min_bytes, int(cur * self.step_pct / 100))
             grant = step if free is None else min(step, free)
+            if crowded and top is not None and sess.priority < top:
+                grant = 0  # reserved for the higher priority
             if grant * 4 < min(step, self.step_min_bytes):  # less than a quarter step left: denied
                 ctx.findings.append(Finding(
                     self.rule_name, f"{call.path} at {fb(cur)} of {fb(high)}, host free {fb(max(0, free or 0))}",

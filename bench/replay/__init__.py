@@ -1,0 +1,1 @@
+"""Multi-tenant replay of recorded agent traces as real processes through agentcgd."""
