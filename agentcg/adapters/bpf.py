@@ -368,6 +368,109 @@ class NetPolicy:
         self.close()
 
 
+class SchedExtUnavailable(RuntimeError):
+    """sched_ext cannot be used here; the message says why."""
+
+
+def sched_ext_state() -> str | None:
+    """/sys/kernel/sched_ext/state ("disabled", "enabled", ...) or None without sched_ext."""
+    try:
+        return (SCHED_EXT_DIR / "state").read_text().strip()
+    except OSError:
+        return None
+
+
+def sched_ext_ops() -> str | None:
+    """Name of the loaded sched_ext scheduler, or None."""
+    try:
+        return (SCHED_EXT_DIR / "root" / "ops").read_text().strip() or None
+    except OSError:
+        return None
+
+
+class SchedExt:
+    """The cgroup-aware sched_ext scheduler (sched.bpf.o).
+
+    Loads only where /sys/kernel/sched_ext exists and its state is
+    "disabled" (no other sched_ext scheduler). Weights per cgroup id come from
+    set_weight(); ejected() says when the kernel threw the scheduler out (the
+    watchdog, an error) and why.
+    """
+
+    def __init__(self, *, lb: Libbpf | None = None, obj_dir: Path | None = None, slice_ns: int | None = None):
+        state = sched_ext_state()
+        if state is None:
+            raise SchedExtUnavailable("kernel has no sched_ext (/sys/kernel/sched_ext missing)")
+        if state != "disabled":
+            raise SchedExtUnavailable(f"another sched_ext scheduler is active "
+                                      f"(state {state!r}, ops {sched_ext_ops()!r}): not loading ours")
+        self._lb = lb or Libbpf.get()
+        self.path = str((obj_dir or objects_dir()) / "sched.bpf.o")
+        if not os.path.exists(self.path):
+            raise FileNotFoundError(f"{self.path} not built: run `make -C bpf`")
+        self._obj: BpfObject | None = BpfObject(self._lb, self.path)
+        self.link: Link | None = None
+        try:
+            if slice_ns is not None:
+                self._obj.set_knobs(slice_ns=slice_ns)
+            # ops.init calls scx_bpf_create_dsq, a sleepable kfunc; libbpf 1.1 has no
+            # "struct_ops.s/" section, so the flag is set here
+            self._obj.program("agentcg_init").set_sleepable()
+            self._obj.load()
+            self.link = self._obj.map("agentcg_ops").attach_struct_ops()
+        except Exception:
+            self.close()
+            raise
+
+    def set_weight(self, cgid: int, weight: int, boost: bool = False) -> None:
+        if not T.AGENTCG_SCHED_WEIGHT_MIN <= weight <= T.AGENTCG_SCHED_WEIGHT_MAX:
+            raise ValueError(f"weight={weight}: expected {T.AGENTCG_SCHED_WEIGHT_MIN}.."
+                             f"{T.AGENTCG_SCHED_WEIGHT_MAX}")
+        self._obj.map("sched_cg").update(ctypes.c_uint64(cgid), T.AgentcgSchedCg(weight=weight, boost=int(boost)))
+
+    def forget(self, cgid: int) -> None:
+        self._obj.map("sched_cg").delete(ctypes.c_uint64(cgid))
+
+    def exit_info(self) -> dict[str, Any]:
+        kind = int.from_bytes(self._obj.read_global("exit_kind"), "little", signed=True)
+        code = int.from_bytes(self._obj.read_global("exit_code"), "little", signed=True)
+        reason = self._obj.read_global("exit_reason").split(b"\0", 1)[0].decode(errors="replace")
+        return {"kind": kind, "code": code, "reason": reason}
+
+    def ejected(self) -> str | None:
+        """None while ours runs; else why it stopped (the kernel's exit reason)."""
+        if self.link is None:
+            return "not loaded"
+        state, ops = sched_ext_state(), sched_ext_ops()
+        if state == "enabled" and ops == "agentcg":
+            return None
+        info = self.exit_info()
+        return (f"sched_ext state {state!r}, ops {ops!r}: exit kind {info['kind']}"
+                f"{': ' + info['reason'] if info['reason'] else ''}")
+
+    def close(self, wait_s: float = 5.0) -> str | None:
+        """Unload; returns the sched_ext state afterwards."""
+        import time
+        if self.link is not None:
+            self.link.destroy()
+            self.link = None
+        if self._obj is not None:
+            self._obj.close()
+            self._obj = None
+        deadline = time.monotonic() + wait_s
+        state = sched_ext_state()
+        while state not in (None, "disabled") and time.monotonic() < deadline:
+            time.sleep(0.02)
+            state = sched_ext_state()
+        return state
+
+    def __enter__(self) -> "SchedExt":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def attached_names(links: Iterable[Link]) -> list[str]:
     return [l.what for l in links if l.alive]
 

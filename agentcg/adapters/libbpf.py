@@ -28,6 +28,8 @@ BPF_PROG_TYPE_TRACING = 26
 BPF_PROG_TYPE_STRUCT_OPS = 27
 # enum bpf_map_type
 BPF_MAP_TYPE_RINGBUF = 27
+# program load flags
+BPF_F_SLEEPABLE = 1 << 4
 # BTF kinds
 BTF_KIND_STRUCT = 4
 BTF_KIND_DATASEC = 15
@@ -88,6 +90,8 @@ _SIGS: dict[str, tuple[object, list]] = {
     "bpf_program__section_name": (ctypes.c_char_p, [_P]),
     "bpf_program__set_autoload": (ctypes.c_int, [_P, ctypes.c_bool]),
     "bpf_program__autoload": (ctypes.c_bool, [_P]),
+    "bpf_program__flags": (ctypes.c_uint32, [_P]),
+    "bpf_program__set_flags": (ctypes.c_int, [_P, ctypes.c_uint32]),
     "bpf_program__fd": (ctypes.c_int, [_P]),
     "bpf_program__attach": (_P, [_P]),
     "bpf_program__attach_cgroup": (_P, [_P, ctypes.c_int]),
@@ -313,6 +317,12 @@ class Program:
     def set_autoload(self, on: bool) -> None:
         self._lb.check_rc(self._lb.lib.bpf_program__set_autoload(self.ptr, on), f"set_autoload({self.name})")
 
+    def set_sleepable(self) -> None:
+        """Load as sleepable (what SEC("struct_ops.s/...") does in libbpf >= 1.2)."""
+        flags = int(self._lb.lib.bpf_program__flags(self.ptr))
+        self._lb.check_rc(self._lb.lib.bpf_program__set_flags(self.ptr, flags | BPF_F_SLEEPABLE),
+                          f"set_flags({self.name})")
+
     @property
     def autoload(self) -> bool:
         return bool(self._lb.lib.bpf_program__autoload(self.ptr))
@@ -372,18 +382,19 @@ class BpfObject:
             raise KeyError(f"no BPF map named {name!r} in {self.path}")
         return Map(self._lb, ptr)
 
-    def _rodata_layout(self) -> tuple[Map, dict[str, tuple[int, int]]]:
-        """The .rodata map and {variable: (offset, size)} from the object's BTF."""
-        rodata = next((m for m in self.maps() if m.name.endswith(".rodata")), None)
+    def _rodata_layout(self, sec: str = ".rodata") -> tuple[Map, dict[str, tuple[int, int]]]:
+        """The map of a global-data section (.rodata, .bss, .data) and
+        {variable: (offset, size)} from the object's BTF."""
+        rodata = next((m for m in self.maps() if m.name.endswith(sec)), None)
         if rodata is None:
-            raise KeyError(f"{self.path} has no .rodata (no const volatile knobs)")
+            raise KeyError(f"{self.path} has no {sec} section")
         lib = self._lb.lib
         btf = lib.bpf_object__btf(self._obj)
         if not btf:
             raise KeyError(f"{self.path} has no BTF")
-        tid = lib.btf__find_by_name_kind(btf, b".rodata", BTF_KIND_DATASEC)
+        tid = lib.btf__find_by_name_kind(btf, sec.encode(), BTF_KIND_DATASEC)
         if tid <= 0:
-            raise KeyError(f"{self.path}: no .rodata datasec in BTF")
+            raise KeyError(f"{self.path}: no {sec} datasec in BTF")
         t = lib.btf__type_by_id(btf, tid)
         vlen = t.contents.info & 0xFFFF
         base = ctypes.addressof(t.contents) + ctypes.sizeof(_BtfType)
@@ -416,6 +427,17 @@ class BpfObject:
             if value >= 1 << (8 * sz):
                 raise ValueError(f"knob {name!r}={value} does not fit {sz} bytes")
             ctypes.memmove(ptr + off, int(value).to_bytes(sz, "little"), sz)
+
+    def read_global(self, name: str, sec: str = ".bss") -> bytes:
+        """Raw bytes of a global variable after load (mmap-able .bss/.data)."""
+        m, layout = self._rodata_layout(sec)
+        if name not in layout:
+            raise KeyError(f"no global {name!r} in {sec} of {self.path}")
+        off, sz = layout[name]
+        size = ctypes.c_size_t()
+        ptr = self._lb.check_ptr(self._lb.lib.bpf_map__initial_value(m.ptr, ctypes.byref(size)),
+                                 f"bpf_map__initial_value({sec})")
+        return ctypes.string_at(ptr + off, sz)
 
     def load(self) -> None:
         self._lb.drain_log()
