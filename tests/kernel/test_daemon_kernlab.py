@@ -85,3 +85,18 @@ def test_kill_9_daemon_mid_call_loses_nothing(vdaemon):
     assert not call_dir.exists()
     s.end()
     assert not (vdaemon.root / "s-crash9").exists()
+
+
+def test_memory_high_throttles_and_says_so(vdaemon):
+    c = Client(vdaemon.socket)
+    with c.session("high") as s:
+        # 33 MiB against a 32 MiB memory.high: a little over, so the throttling stays short
+        r = s.tool_call("dd", intent="memory=32M,memory_max=512M").run(
+            ["dd", "if=/dev/zero", "of=/dev/null", "bs=33M", "count=1"], stderr=subprocess.DEVNULL)
+        assert r.exit_status == 0                        # throttled, not killed
+        assert r.limits["memory_high_bytes"] == 32 * MiB
+        assert r.stats["memory_events"]["high"] >= 1 and r.stats["memory_events"]["oom_kill"] == 0
+        assert r.stats["memory_peak_bytes"] >= 32 * MiB
+        fb = {f["kind"]: f for f in r.feedback}
+        assert fb["memory_high"]["numbers"]["memory_high_bytes"] == 32 * MiB
+        assert "memory.high of 32M" in fb["memory_high"]["message"]
