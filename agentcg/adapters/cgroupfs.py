@@ -189,7 +189,13 @@ class CgroupFs:
 
     def __init__(self, root: str | Path, logger: logging.Logger | None = None):
         self.root = Path(root)
+        self._root = str(self.root).rstrip("/") or "/"
         self.log = logger or log
+
+    def _f(self, rel: str, name: str = "") -> str:
+        """Path string of a cgroup (or one of its files); the hot path avoids pathlib."""
+        base = f"{self._root}/{rel}" if rel else self._root
+        return f"{base}/{name}" if name else base
 
     def path(self, rel: str = "") -> Path:
         if rel.startswith("/") or ".." in rel.split("/"):
@@ -200,7 +206,7 @@ class CgroupFs:
     def read(self, rel: str, name: str) -> str | None:
         """An interface file's text, or None when it (or the cgroup) is gone."""
         try:
-            with open(self.path(rel) / name) as f:
+            with open(self._f(rel, name)) as f:
                 return f.read()
         except OSError as exc:
             if _gone(exc):
@@ -220,7 +226,7 @@ class CgroupFs:
             return None
 
     def exists(self, rel: str = "") -> bool:
-        return self.path(rel).is_dir()
+        return os.path.isdir(self._f(rel))
 
     def children(self, rel: str = "") -> list[str]:
         try:
@@ -307,7 +313,7 @@ class CgroupFs:
     # -- writing --------------------------------------------------------
     def _write(self, rel: str, name: str, value: str) -> None:
         try:
-            with open(self.path(rel) / name, "w") as f:
+            with open(self._f(rel, name), "w") as f:
                 f.write(value)
         except OSError as exc:
             if _gone(exc) and not self.exists(rel):
@@ -332,7 +338,7 @@ class CgroupFs:
         applied: list[tuple[str, str | None, str]] = []
         skipped: list[str] = []
         for name, value in files.items():
-            if not (self.path(rel) / name).exists():
+            if not os.path.exists(self._f(rel, name)):
                 if not self.exists(rel):
                     raise CgroupGone(rel)
                 skipped.append(name)
@@ -398,7 +404,7 @@ class CgroupFs:
         """Kill every process in the cgroup (cgroup.kill, or SIGKILL to each
         listed pid on kernels without it). Returns how many were listed."""
         pids = self.procs(rel)
-        if (self.path(rel) / "cgroup.kill").exists():
+        if os.path.exists(self._f(rel, "cgroup.kill")):
             try:
                 self.write(rel, "cgroup.kill", "1", reason)
             except CgroupGone:
@@ -427,7 +433,7 @@ class CgroupFs:
     def remove(self, rel: str) -> bool:
         """rmdir one cgroup. True when removed or already gone; False while busy."""
         try:
-            os.rmdir(self.path(rel))
+            os.rmdir(self._f(rel))
             return True
         except OSError as exc:
             if _gone(exc):
