@@ -409,15 +409,18 @@ class SchedExt:
         if not os.path.exists(self.path):
             raise FileNotFoundError(f"{self.path} not built: run `make -C bpf`")
         self._obj: BpfObject | None = BpfObject(self._lb, self.path)
-        self.link: Link | None = None
+        self.link: Any = None
         try:
             if slice_ns is not None:
                 self._obj.set_knobs(slice_ns=slice_ns)
             # ops.init calls scx_bpf_create_dsq, a sleepable kfunc; libbpf 1.1 has no
             # "struct_ops.s/" section, so the flag is set here
             self._obj.program("agentcg_init").set_sleepable()
+            # link-based registration: if the daemon dies, the kernel unloads the scheduler
+            ops = self._obj.map("agentcg_ops")
+            ops.set_link_flag()
             self._obj.load()
-            self.link = self._obj.map("agentcg_ops").attach_struct_ops()
+            self.link = ops.attach_struct_ops_link()
         except Exception:
             self.close()
             raise
@@ -486,7 +489,7 @@ class BpfHook:
     name = "bpf"
 
     def __init__(self, root: str | os.PathLike, *, rules=(), escape_action: str = "keep",
-                 runq: bool = True, network: bool = True, placement_keep: int = 4096):
+                 runq: bool = True, network: bool = True, sched_ext: bool = True, placement_keep: int = 4096):
         from collections import deque
 
         from agentcg.core.attribution import Attribution
@@ -503,7 +506,11 @@ class BpfHook:
         self._agents: dict[str, int] = {}
         self._cgids: dict[str, int] = {}          # rel path -> cgroup id
         self._escaped: dict[tuple[str, int], dict[int, dict]] = {}
-        self.runq, self.network = runq, network
+        self.runq, self.network, self.use_sched_ext = runq, network, sched_ext
+        self.sched: SchedExt | None = None
+        self._sched_ejected: str | None = None
+        self._auto_calls: set[tuple[str, int]] = set()
+        self._pending_auto: set[int] = set()
         self.started = False
         self.status_ = BpfStatus(reason="not started yet (loads when the daemon listens)")
 
@@ -535,6 +542,12 @@ class BpfHook:
                 feats["netpolicy"] = Feature("failed", str(exc).splitlines()[0])
         elif network:
             feats["netpolicy"] = Feature("off", "cgroup BPF programs unavailable: network intent not enforced")
+        if self.use_sched_ext and feats.get("sched_ext", Feature("absent")).state == "available":
+            try:
+                self.sched = SchedExt()
+                feats["sched_ext"] = Feature("used", "agentcg scheduler: cgroup weights and boost from intents")
+            except (SchedExtUnavailable, LibbpfError, OSError, KeyError) as exc:
+                feats["sched_ext"] = Feature("off", str(exc).splitlines()[0])
 
     # -- lifecycle hooks ------------------------------------------------------
     def _cgid(self, path: Path) -> int | None:
@@ -548,6 +561,7 @@ class BpfHook:
             cg = self._cgid(sub)
             if cg is not None:
                 self.attr.add_cgroup(cg, session.name, call)
+                self._set_sched(cg, getattr(session.limits, "cpu_weight", None), False)
 
     def on_session_end(self, session, path: Path) -> None:
         self.attr.session_ended(session.name)
@@ -560,9 +574,22 @@ class BpfHook:
         self._cgids[str(path)] = cg
         self.attr.add_cgroup(cg, session.name, call.n)
         self.attr.call_placed(session.name, call.n, [call.pid])
+        boost = getattr(call.intent, "cpu_class", None) == "latency" or \
+            (session.name, call.n) in self._auto_calls or \
+            (self._agents.get(session.name) is not None and call.pid in self._pending_auto)
+        self._set_sched(cg, getattr(call.limits, "cpu_weight", None), boost)
         mode = getattr(call.intent, "network", None) or "full"
         if self.net is not None and mode != "full":
             self.net.set_mode(cg, mode)
+
+    def _set_sched(self, cg: int, weight: int | None, boost: bool) -> None:
+        if self.sched is None:
+            return
+        w = max(T.AGENTCG_SCHED_WEIGHT_MIN, min(T.AGENTCG_SCHED_WEIGHT_MAX, int(weight or T.AGENTCG_SCHED_WEIGHT_DFL)))
+        try:
+            self.sched.set_weight(cg, w, boost)
+        except LibbpfError:
+            pass
 
     def on_call_end(self, session, call, path: Path) -> dict[str, Any]:
         cg = self._cgids.pop(str(path), None) or self._cgid(path)
@@ -591,6 +618,12 @@ class BpfHook:
             out["net_rx_bytes"] = ns["rx_bytes"]
             out["net_denied"] = ns["denied"]
             self.net.forget(cg)
+        if self.sched is not None:
+            try:
+                self.sched.forget(cg)
+            except LibbpfError:
+                pass
+        self._auto_calls.discard((session.name, call.n))
         self.attr.remove_cgroup(cg)
         self._escaped.pop((session.name, call.n), None)
         return out
@@ -621,11 +654,31 @@ class BpfHook:
                 pass
         st.attached = attached_names((self.tracker.links if self.tracker else []) +
                                      (self.net.links if self.net else []))
+        if self.sched is not None:
+            why = self.sched.ejected()
+            if why:
+                st.features["sched_ext"] = Feature("failed", f"thrown out by the kernel: {why}")
+                if self._sched_ejected is None and self.daemon is not None:
+                    self.daemon.emit({"type": "bpf.sched_ext.ejected", "uid": 0, "reason": why})
+                self._sched_ejected = why
         d = st.as_dict()
+        d["processes"] = self.trees()
         d["automatic_mode"] = {"agents": dict(self._agents), "calls": self.auto_calls,
                                "escapes": self.escapes, "placement": self.placement_summary()}
         d["tracked_processes"] = len(self.attr)
         return d
+
+    def trees(self) -> dict[str, dict[str, list]]:
+        """Live process trees of running calls, by session then call number."""
+        out: dict[str, dict[str, list]] = {}
+        if self.daemon is None:
+            return out
+        for s in list(self.daemon.sessions.values()):
+            calls = {str(n): self.attr.tree(s.name, n) for n in list(s.calls)}
+            calls = {n: t for n, t in calls.items() if t}
+            if calls:
+                out[s.name] = calls
+        return out
 
     def placement_summary(self) -> dict[str, Any]:
         xs = sorted(self.placement_ns)
@@ -635,6 +688,9 @@ class BpfHook:
         return {"count": len(xs), "p50_us": pick(0.50), "p99_us": pick(0.99)}
 
     def close(self) -> None:
+        if self.sched is not None:
+            self.sched.close()
+            self.sched = None
         if self.tracker is not None:
             self.tracker.close()
             self.tracker = None
@@ -707,13 +763,17 @@ class BpfHook:
         peer = Peer(pid=os.getpid(), uid=0, gid=0, conn=0)
         msg = {"session": d.session, "pid": d.root_pid, "name": d.program, "argv": [d.cmdline],
                "intent": dict(d.intent)}
+        self._pending_auto.add(d.root_pid)
         try:
             res = daemon.op_call_start(msg, peer)
         except Exception as exc:  # the process may be gone already
             daemon.emit({"type": "call.auto.failed", "uid": s.uid, "session": d.session, "pid": d.root_pid,
                          "reason": str(exc)})
             return None
+        finally:
+            self._pending_auto.discard(d.root_pid)
         n = res["call"]
+        self._auto_calls.add((d.session, n))
         placed_ns = time.monotonic_ns()
         c = s.calls.get(n)
         if c is not None:

@@ -28,6 +28,9 @@ BPF_PROG_TYPE_TRACING = 26
 BPF_PROG_TYPE_STRUCT_OPS = 27
 # enum bpf_map_type
 BPF_MAP_TYPE_RINGBUF = 27
+# map flags / attach types
+BPF_F_LINK = 1 << 13
+BPF_STRUCT_OPS = 44
 # program load flags
 BPF_F_SLEEPABLE = 1 << 4
 # BTF kinds
@@ -103,6 +106,9 @@ _SIGS: dict[str, tuple[object, list]] = {
     "bpf_map__value_size": (ctypes.c_uint32, [_P]),
     "bpf_map__key_size": (ctypes.c_uint32, [_P]),
     "bpf_link__destroy": (ctypes.c_int, [_P]),
+    "bpf_link_create": (ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.c_int, _P]),
+    "bpf_map__map_flags": (ctypes.c_uint32, [_P]),
+    "bpf_map__set_map_flags": (ctypes.c_int, [_P, ctypes.c_uint32]),
     "bpf_map_lookup_elem": (ctypes.c_int, [ctypes.c_int, _P, _P]),
     "bpf_map_update_elem": (ctypes.c_int, [ctypes.c_int, _P, _P, ctypes.c_uint64]),
     "bpf_map_delete_elem": (ctypes.c_int, [ctypes.c_int, _P]),
@@ -247,6 +253,25 @@ class Link:
         return bool(self._ptr)
 
 
+class FdLink:
+    """A kernel BPF link held by its fd; destroy() closes it (detaches)."""
+
+    def __init__(self, fd: int, what: str, holder: "Link | None" = None):
+        self.fd, self.what, self._holder = fd, what, holder
+
+    def destroy(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self._holder is not None:
+            self._holder.destroy()
+            self._holder = None
+
+    @property
+    def alive(self) -> bool:
+        return self.fd >= 0
+
+
 class Map:
     def __init__(self, lb: Libbpf, ptr: int):
         self._lb, self.ptr = lb, ptr
@@ -302,6 +327,23 @@ class Map:
                 raise LibbpfError(err, f"iterating map {self.name}")
             yield nxt
             cur, nxt = nxt, key_type()
+
+    def set_link_flag(self) -> None:
+        """Create the struct_ops map with BPF_F_LINK (before load), as .struct_ops.link does in libbpf >= 1.2."""
+        flags = int(self._lb.lib.bpf_map__map_flags(self.ptr))
+        self._lb.check_rc(self._lb.lib.bpf_map__set_map_flags(self.ptr, flags | BPF_F_LINK),
+                          f"set_map_flags({self.name})")
+
+    def attach_struct_ops_link(self) -> "FdLink":
+        """Register a BPF_F_LINK struct_ops map through a kernel link: the
+        registration ends when the link's fd closes, also when the process dies."""
+        holder = self.attach_struct_ops()     # writes the map value (no registration for link maps)
+        fd = self._lb.lib.bpf_link_create(self.fd, 0, BPF_STRUCT_OPS, None)
+        if fd < 0:
+            err = -fd if fd != -1 else (ctypes.get_errno() or _errno.EINVAL)
+            holder.destroy()
+            raise LibbpfError(err, f"bpf_link_create(struct_ops {self.name})", self._lb.drain_log())
+        return FdLink(fd, f"struct_ops {self.name} (link)", holder)
 
     def attach_struct_ops(self) -> Link:
         ptr = self._lb.check_ptr(self._lb.lib.bpf_map__attach_struct_ops(self.ptr), f"attach struct_ops {self.name}")

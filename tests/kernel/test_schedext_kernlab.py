@@ -79,3 +79,25 @@ def test_high_priority_cgroup_waits_less_and_unload_disables():
             except OSError:
                 pass
 
+
+
+def test_scheduler_is_unloaded_when_its_process_dies():
+    """Link-based registration: a killed owner leaves sched_ext disabled."""
+    require_sched_ext()
+    require_bpf()
+    import sys
+    from agentcg.adapters.bpf import sched_ext_state
+    if sched_ext_state() != "disabled":
+        pytest.skip("another sched_ext scheduler is loaded")
+    code = ("from agentcg.adapters.bpf import SchedExt, sched_ext_state; import sys, time\n"
+            "s = SchedExt()\nprint(sched_ext_state(), flush=True)\ntime.sleep(60)")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() in ("enabled", "enabling")
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    deadline = time.monotonic() + 10
+    while sched_ext_state() != "disabled" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sched_ext_state() == "disabled"
