@@ -34,12 +34,13 @@ def test_commented_examples_are_valid():
     assert cfg.grants[1000].pids_max == 8192          # filled from grants.default
     assert cfg.session_defaults.memory_max_bytes == 8 << 30
     assert cfg.call_defaults.memory_class == "normal"
-    assert cfg.policy == {"preset": "adaptive", "dry_run": False, "ladder": {"calm_hold_ns": 300_000_000}}
+    assert cfg.policy == {"preset": "adaptive", "dry_run": False, "ladder": {"calm_hold_ns": "300ms"}}
 
 
 def test_policy_default_is_the_adaptive_preset():
     from agentcg.core.policy import load_ruleset
     default = load_ruleset(None)
-    written = load_ruleset({"preset": "adaptive", "dry_run": False, "ladder": {"calm_hold_ns": 300_000_000}})
+    written = load_ruleset({"preset": "adaptive", "dry_run": False, "ladder": {"calm_hold_ns": "300ms"}})
     assert default.names() == written.names()
-    assert (default.ladder, default.dry_run) == (written.ladder, written.dry_run)
+    assert default.ladder.calm_hold_ns == written.ladder.calm_hold_ns == 300_000_000
+    assert default.dry_run is written.dry_run is False
