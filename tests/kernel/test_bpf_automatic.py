@@ -113,8 +113,9 @@ def test_child_of_attached_agent_gets_its_own_call_and_escape_is_reported(agentc
             auto = _events(runtime, "call.auto")
             assert auto and auto[0]["pid"] == child and auto[0]["placement_us"] > 0
 
-            # escape: a double fork whose middle parent exits at once
-            agent.stdin.write("sh /bin/sleep 30 & exit 0\n")
+            # escape: a background child whose parent exits (re-parented). The shell first
+            # runs long enough to be placed: placement happens after exec (see docs/bpf.md)
+            agent.stdin.write("sh /bin/sleep 0.3; /bin/sleep 30 & exit 0\n")
             agent.stdin.flush()
             child2 = int(agent.stdout.readline())
             assert agent.stdout.readline().split()[0] == "done"
