@@ -178,7 +178,7 @@ def placement(mnt: Path, calls: int, log) -> dict:
                 raise RuntimeError("agentcgd exited")
             time.sleep(0.02)
         with Client(str(sock)) as c:
-            c.request("session.create", name="bench")
+            c.request("session.create", name="bench", retry_s=10.0)
             agent = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline()\n" + AGENT, str(calls)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             c.request("session.attach", name="bench", pid=agent.pid)
@@ -243,6 +243,7 @@ def main() -> None:
     res.update(placement(mnt, args.calls, log))
     lb = Libbpf.get()
     res["environment"] = {"kernel": platform.release(), "cpus": os.cpu_count(), "libbpf": lb.version_str,
+                          "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
                           "python": platform.python_version(), "cgroup2": str(mnt),
                           "rounds": args.rounds, "spawns_per_round": args.spawns,
                           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
