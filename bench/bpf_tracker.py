@@ -194,6 +194,7 @@ def placement(mnt: Path, calls: int, log) -> dict:
             events = [json.loads(line) for line in (runtime / "events.jsonl").read_text().splitlines()]
             us = sorted(e["placement_us"] for e in events if e.get("type") == "call.auto")
             seen = sorted(e["seen_us"] for e in events if e.get("type") == "call.auto")
+            cs = sorted(e.get("call_start_us", 0) for e in events if e.get("type") == "call.auto")
             status = c.request("status")["hooks"]["bpf"]
     finally:
         if agent is not None:
@@ -210,7 +211,8 @@ def placement(mnt: Path, calls: int, log) -> dict:
     pick = lambda q: round(us[min(len(us) - 1, int(q * len(us)))], 1)  # noqa: E731
     log(f"placement: {len(us)} auto calls, p50 {pick(0.5)} us, p99 {pick(0.99)} us, max {us[-1]:.0f} us")
     seen_p = lambda q: round(seen[min(len(seen) - 1, int(q * len(seen)))], 1)  # noqa: E731
-    return {"event_seen_p50_us": seen_p(0.5), "event_seen_p99_us": seen_p(0.99), "placement_p50_us": pick(0.5), "placement_p99_us": pick(0.99), "placement_max_us": round(us[-1], 1),
+    return {"call_start_p50_us": round(cs[len(cs) // 2], 1) if cs else None,
+            "event_seen_p50_us": seen_p(0.5), "event_seen_p99_us": seen_p(0.99), "placement_p50_us": pick(0.5), "placement_p99_us": pick(0.99), "placement_max_us": round(us[-1], 1),
             "placement_samples": len(us), "placement_lost_events": status.get("lost_events")}
 
 

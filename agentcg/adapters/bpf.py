@@ -790,7 +790,8 @@ class BpfHook:
         daemon.emit({"type": "call.auto", "uid": s.uid, "session": d.session, "call": n, "pid": d.root_pid,
                      "pids": list(d.pids), "command": d.cmdline, "reason": d.reason,
                      "placement_us": (placed_ns - d.exec_ts_ns) / 1000,
-                     "seen_us": (seen_ns - d.exec_ts_ns) / 1000})
+                     "seen_us": (seen_ns - d.exec_ts_ns) / 1000,
+                     "call_start_us": (placed_ns - seen_ns) / 1000})
         return n
 
     def _apply(self, daemon, d) -> None:
