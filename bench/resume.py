@@ -63,11 +63,14 @@ def main() -> None:
 
     turn()                                   # builds the context (prefill of the whole prompt)
     turn()                                   # warm-up of the resident path
+    turn()
     res = {"resident": [], "swapped": [], "recompute": []}
     prefilled = {}
     for _ in range(args.repeats):
         sync()
+        before = eng.counters["prefilled_tokens"]
         res["resident"].append(turn())
+        prefilled["resident"] = eng.counters["prefilled_tokens"] - before
         eng.suspend("s", "swap")
         eng.swapper.synchronize()
         sync()

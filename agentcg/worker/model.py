@@ -169,11 +169,10 @@ class Llama:
         hd = s.head_dim
         qkv = self._norm(x, lw["n1"]) @ lw["wqkv"].T          # [T, (Hq+2H)*D]
         T = x.shape[0]
-        q = qkv[:, :s.n_heads * hd].view(T, s.n_heads, hd)
-        k = qkv[:, s.n_heads * hd:(s.n_heads + s.n_kv_heads) * hd].view(T, s.n_kv_heads, hd)
+        qk = qkv[:, :(s.n_heads + s.n_kv_heads) * hd].view(T, s.n_heads + s.n_kv_heads, hd)
         v = qkv[:, (s.n_heads + s.n_kv_heads) * hd:].view(T, s.n_kv_heads, hd)
-        c, sn = rope
-        return self._rope(q, c, sn), self._rope(k, c, sn), v
+        qk = self._rope(qk, *rope)                               # queries and keys in one pass
+        return qk[:, :s.n_heads], qk[:, s.n_heads:], v
 
     def _rope_for(self, pos: torch.Tensor, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self._rope_tables(max_pos + 1)
@@ -221,8 +220,11 @@ class Llama:
             q, k, v = self._qkv(lw, x, rope)
             batch.wait_layer(layer)
             kv.write(layer, batch.write_plan, k, v)
-            o = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
-            if batch.num_decode:
+            if batch.num_decode == q.shape[0]:       # decode only: no assembly copy
+                o = self._decode_attn(layer, q, batch, kv)
+            else:
+                o = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
+            if batch.num_decode and batch.num_decode < q.shape[0]:
                 o[:batch.num_decode] = self._decode_attn(layer, q[:batch.num_decode], batch, kv)
             for sp in batch.prefills:
                 t0, t1 = sp.t0, sp.t1
