@@ -71,6 +71,7 @@ class PolicyLoop:
         self.daemon = None
         self.wake_in_ns: int | None = None
         self._pending: dict[str, list[TriggerEvent]] = {}
+        self.failed: set[tuple[str, str]] = set()  # files this kernel refuses: not retried
         self.watch.watch_file("", cgfs.path(""), "memory.events")
 
     # -- hook surface
@@ -94,7 +95,12 @@ class PolicyLoop:
 
     def on_call_end(self, session, call, path) -> dict:
         self.watch.unwatch(call.rel)
+        self.failed = {f for f in self.failed if f[0] != call.rel}
         self.prev_events.pop(call.rel, None)
+        try:
+            self.tick([])  # memory is being given back: pressure may be gone
+        except Exception:
+            log.exception("policy tick at call end failed")
         notes = self.call_notes.pop(call.rel, [])
         if not notes:
             return {}
@@ -111,9 +117,15 @@ class PolicyLoop:
     async def run(self, daemon) -> None:
         self.daemon = daemon
         while True:
-            timeout = IDLE_TICK_S if self.wake_in_ns is None else max(0.001, self.wake_in_ns / 1e9)
-            signals = await self.watch.wait(timeout)
-            self.tick(signals)
+            timeout = IDLE_TICK_S if self.wake_in_ns is None else min(IDLE_TICK_S, max(0.001, self.wake_in_ns / 1e9))
+            try:
+                signals = await self.watch.wait(timeout)
+                self.tick(signals)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one bad tick must not end the loop
+                log.exception("policy tick failed")
+                await asyncio.sleep(0.1)
 
     def close(self) -> None:
         self.watch.close()
@@ -166,7 +178,11 @@ class PolicyLoop:
         self.ticks += 1
         done = []
         for action in decision.actions:
+            if (action.target, action.knob) in self.failed:
+                continue
             applied = self.executor.apply(action, dry_run=self.dry_run)
+            if applied.outcome.startswith("failed"):
+                self.failed.add((action.target, action.knob))
             self.last.append(applied)
             done.append(applied)
             if self.daemon is not None:

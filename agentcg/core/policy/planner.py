@@ -44,7 +44,14 @@ def plan(snapshot: Snapshot, ruleset: Ruleset, state: PolicyState | None = None)
     level_since = state.level_since_ns
     wake: int | None = None
     kill_rule = next((r for r in steps if r.rule_name == "kill"), None)
-    if ctx.findings:
+    # Only pressure felt by a priority that has someone below it can be relieved
+    # by the ladder; the lowest priority short of memory waits (or, deadlocked,
+    # meets the kill step's deadlock check below).
+    lowest = min((s.priority for s in snapshot.sessions), default=0)
+    all_findings = list(ctx.findings)
+    driving = [f for f in all_findings if f.priority > lowest]
+    ctx.findings = driving
+    if driving:
         ctx.update(calm_since_ns=None)
         if state.pressure_since_ns is None:
             ctx.update(pressure_since_ns=now)
@@ -87,8 +94,12 @@ def plan(snapshot: Snapshot, ruleset: Ruleset, state: PolicyState | None = None)
                 wake = ruleset.ladder.calm_hold_ns
         else:
             wake = ruleset.ladder.calm_hold_ns - (now - calm_since)
-    if kill_rule is not None and kill_rule.guard(ctx):
-        kill_rule.apply(ctx, guard=True)
+    ctx.findings = all_findings
+    if kill_rule is not None:
+        if kill_rule.guard(ctx):
+            kill_rule.apply(ctx, guard=True)
+        elif not driving and any(f.kind == "denied" for f in all_findings):
+            kill_rule.apply(ctx)  # only its deadlock check can fire here
 
     # remember PSI totals for the next tick's stall measurement
     prev = [(snapshot.host.cg.path, now, snapshot.host.cg.psi.some_total_us, snapshot.host.cg.psi.full_total_us)]
@@ -99,7 +110,7 @@ def plan(snapshot: Snapshot, ruleset: Ruleset, state: PolicyState | None = None)
     new_state = state.with_(**ctx.updates).with_(level=level, level_since_ns=level_since, psi_prev=tuple(prev),
                                                   frozen=frozen, frozen_since_ns=frozen_since,
                                                   killed=tuple(p for p in ctx.st("killed") if p in live))
-    return Decision(tuple(ctx.actions), new_state, tuple(ctx.findings), wake)
+    return Decision(tuple(ctx.actions), new_state, tuple(all_findings), wake)
 
 
 def decide(snapshot: Snapshot, ruleset: Ruleset) -> list[Action]:

@@ -239,8 +239,8 @@ def _top_reason(ctx: Ctx) -> Reason:
 @dataclass(frozen=True)
 class Throttle(RuleBase):
     """Ladder step 1: hold every call at its memory.high (the kernel throttles
-    it there) and take back borrowed headroom that calls of the pressured
-    priority or lower are not using: their memory.high drops to the larger of
+    it there) and take back borrowed headroom that calls of lower priorities
+    than the pressured one are not using: their memory.high drops to the larger of
     their intent and their usage + keep_bytes.
     {name = "throttle", args = {keep_bytes = "8M"}}"""
 
@@ -253,7 +253,7 @@ class Throttle(RuleBase):
         denied = {f.call for f in ctx.findings if f.call}
         reason = _top_reason(ctx)
         for sess, call in ctx.snap.calls():
-            if sess.priority > prio or call.path in denied or ctx.killed_planned(call.path):
+            if sess.priority >= prio or call.path in denied or ctx.killed_planned(call.path):
                 continue
             high = ctx.value(call.cg, "memory.high")
             if high is None:
@@ -313,6 +313,14 @@ class Reclaim(RuleBase):
             sess = next((s for s in ctx.snap.sessions if s.path == path), None)
             if sess is not None:
                 ctx.set(sess.cg, "memory.low", old, reason, sess.name)
+        back = Reason(self.rule_name, "pressure gone", detail="memory.high given back", op="", threshold="")
+        calls = {c.path: (s, c) for s, c in ctx.snap.calls()}
+        for path, old in ctx.st("reclaimed"):
+            if path in calls:
+                s, c = calls[path]
+                cur = ctx.value(c.cg, "memory.high")
+                if cur is not None and (old is None or old > cur):
+                    ctx.set(c.cg, "memory.high", old, back, s.name)
         ctx.update(protected=(), reclaimed=())
 
 
