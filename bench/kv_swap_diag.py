@@ -1,7 +1,6 @@
 """Where a swap's time goes (H100, 8B block shape): gather, scatter and link copy of one
 staging piece timed alone, and a whole 4 GiB swap for several staging sizes,
-slot counts and host pacing depths.  python bench/kv_swap_diag.py  (CUDA only)
-piece timed alone, and the whole swap with different staging depths."""
+slot counts and host pacing depths.  python bench/kv_swap_diag.py  (CUDA only)"""
 import sys, time, json
 from pathlib import Path
 import torch

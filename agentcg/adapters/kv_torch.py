@@ -14,9 +14,12 @@ Layouts (L layers, cb blocks per chunk, bs tokens per block, H kv heads, D head 
 - staging buffers: flat, `slot_bytes` each, on the device; a piece of a swap
   (layers l0..l1, blocks a..b of a run) is gathered into one and moved in one copy.
 
-On CUDA, swaps run on two dedicated streams: `dev` gathers/scatters blocks
-between the pool and staging (device kernels), `link` does the host<->device
-copies; events order them against each other and against the compute stream.
+On CUDA, swaps run on dedicated streams apart from the compute stream: `dev`
+gathers/scatters blocks between the pool and staging (device kernels), `link`
+does the host<->device copies; events order them against each other and
+against compute (per layer for swap-in, so that a prefill can start on layer 0
+while later layers are still in transit). two_streams=False puts both on one
+stream (measured side by side in bench/results/kv_swap_streams.json).
 On CPU the same code runs synchronously with plain tensors.
 """
 from __future__ import annotations
@@ -87,7 +90,7 @@ class KVPool:
     def __init__(self, *, n_layers: int, kv_heads: int, head_dim: int, block_size: int,
                  chunk_blocks: int, num_chunks: int, host_blocks: int,
                  device: torch.device, dtype: torch.dtype, slot_bytes: int = 64 << 20,
-                 num_slots: int = 3, online: list[bool] | None = None) -> None:
+                 num_slots: int = 3, online: list[bool] | None = None, two_streams: bool = True) -> None:
         self.L, self.H, self.D, self.bs = n_layers, kv_heads, head_dim, block_size
         self.cb = chunk_blocks
         self.device = torch.device(device)
@@ -109,8 +112,10 @@ class KVPool:
         self.num_slots = num_slots
         self._staging: list[torch.Tensor | None] = [None] * num_slots
         if self.cuda:
-            self.dev_stream = torch.cuda.Stream(self.device)
             self.link_stream = torch.cuda.Stream(self.device)
+            self.dev_stream = self.link_stream
+            if two_streams:
+                self.dev_stream = torch.cuda.Stream(self.device)
         self._slot_free: list = [None] * num_slots
         # pace_depth > 0: the host issues piece i only once the link copy of
         # piece i - pace_depth is done. Measured no faster on an H100 than
@@ -262,7 +267,7 @@ class KVPool:
         pieces = self.pieces(runs)
         plans = self._piece_plans(pieces, gpu_blocks)
         nbytes = len(gpu_blocks) * self.block_bytes
-        if not self.cuda:
+        if not self.cuda or not pieces:
             for i, p in enumerate(pieces):
                 view = self._staging_view(0, p)
                 self._gather_piece(p, plans[i], view)
@@ -296,9 +301,7 @@ class KVPool:
                 ev.record(self.link_stream)
                 self._slot_free[s] = ev
                 links.append(ev)
-        gathered_all = torch.cuda.Event()
-        gathered_all.record(self.dev_stream)
-        compute.wait_event(gathered_all)       # freed blocks are rewritten only after the gathers
+        compute.wait_event(gathered)           # freed blocks are rewritten only after the last gather
         done.record(self.link_stream)
         return SwapHandle(owner, "out", nbytes, [], done, start, keep)
 
