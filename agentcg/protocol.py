@@ -12,7 +12,9 @@ module imports only the standard library.
 """
 from __future__ import annotations
 
+import array
 import json
+import os
 import socket
 from typing import Any, Iterator
 
@@ -22,7 +24,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 
 OPS = (
     "status", "session.create", "session.list", "session.show", "session.end",
-    "session.attach", "call.start", "call.end", "events",
+    "session.attach", "call.start", "call.started", "call.end", "events",
 )
 
 # error codes (stable; clients branch on them)
@@ -127,10 +129,36 @@ class LineReader:
     """Reads newline-terminated messages from a blocking socket and never
     buffers more than `max_bytes` for one line."""
 
+    MAX_FDS = 4   # file descriptors accepted with one read (SCM_RIGHTS)
+
     def __init__(self, sock: socket.socket, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         self.sock = sock
         self.max_bytes = max_bytes
         self._buf = bytearray()
+        self.fds: list[int] = []   # received with the data read so far (close-on-exec)
+
+    def _recv(self, n: int) -> bytes:
+        recvmsg = getattr(self.sock, "recvmsg", None)
+        if recvmsg is None:
+            return self.sock.recv(n)
+        data, ancdata, _flags, _addr = recvmsg(n, socket.CMSG_SPACE(4 * self.MAX_FDS),
+                                               socket.MSG_CMSG_CLOEXEC)
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                self.fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+        return data
+
+    def take_fds(self) -> list[int]:
+        """The file descriptors received so far; the caller owns them now."""
+        fds, self.fds = self.fds, []
+        return fds
+
+    def close_fds(self) -> None:
+        for fd in self.take_fds():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def readline(self) -> bytes | None:
         """The next line without its newline, or None at end of stream."""
@@ -144,7 +172,7 @@ class LineReader:
                 return line
             if len(self._buf) >= self.max_bytes:
                 raise MessageTooLarge(self.max_bytes)
-            chunk = self.sock.recv(min(65536, self.max_bytes - len(self._buf) + 1))
+            chunk = self._recv(min(65536, self.max_bytes - len(self._buf) + 1))
             if not chunk:
                 if self._buf:
                     raise ProtocolError(E_BAD_REQUEST, "stream ended inside a message")

@@ -6,9 +6,12 @@ Per call, each method runs /bin/true and waits for it:
   bare     fork + exec + wait, no cgroup (subprocess.run)
   wrapper  a bash wrapper per call: mkdir a cgroup, move a subshell into it
            (echo $BASHPID > cgroup.procs), exec /bin/true, rmdir
-  daemon   agentcgd: call.start (create the tool-call cgroup, place the
-           waiting child before it execs), run, call.end (collect stats,
-           remove the cgroup), through the stdlib client
+  daemon   agentcgd through the stdlib client as it comes: call.start (the
+           tool-call cgroup, made ahead; with root and clone3 the child is
+           born inside it through CLONE_INTO_CGROUP, then call.started), run,
+           call.end (collect stats; the cgroup is removed after the reply)
+  daemon_pid  the same daemon with the client's clone_into off: a waiting
+           child is moved into the cgroup by the daemon before it execs
   systemd  systemd-run --scope /bin/true (only where systemd is PID 1)
 
 The methods run in interleaved rounds (a few calls of each in turn, order
@@ -172,7 +175,7 @@ class Daemon:
             time.sleep(0.05)
         self.client = Client(socket_path=str(self.socket))
         # round-trip time of each request, to split the added cost into its parts
-        self.request_ns: dict[str, list[int]] = {"call.start": [], "call.end": []}
+        self.request_ns: dict[str, list[int]] = {"call.start": [], "call.started": [], "call.end": []}
         plain_request = self.client.request
 
         def timed_request(op, **fields):
@@ -206,6 +209,29 @@ class Daemon:
                     self.proc.kill()
                     self.proc.wait()
             self.log.close()
+
+
+class DaemonPid:
+    """The same agentcgd, placing a waiting child by pid (clone_into off)."""
+    name = "daemon_pid"
+
+    def __init__(self, daemon: Daemon):
+        from agentcg.client import Client
+
+        self.client = Client(socket_path=str(daemon.socket), clone_into=False)
+        self.session = self.client.session("bench-pid")
+
+    def call(self, i: int) -> None:
+        with self.session.tool_call("true") as call:
+            result = call.run([TRUE])
+        if result.exit_status != 0 or call.handle.placement != "pid":
+            raise RuntimeError(f"daemon_pid tool call exited {result.exit_status} ({call.handle.placement})")
+
+    def close(self) -> None:
+        try:
+            self.session.end(force=True)
+        finally:
+            self.client.close()
 
 
 # --- cgroup housekeeping -----------------------------------------------------
@@ -265,8 +291,11 @@ def run(args: argparse.Namespace) -> dict:
         if "daemon" in methods_wanted:
             controllers = set((mount / "cgroup.controllers").read_text().split())
             has_controllers = {"memory", "cpu"} <= controllers
-            methods.append(Daemon(base / "daemon-root", workdir, require_controllers=has_controllers))
+            daemon = Daemon(base / "daemon-root", workdir, require_controllers=has_controllers)
+            methods.append(daemon)
             enable_like(wrapper_parent, base / "daemon-root")
+            if "daemon_pid" in methods_wanted:
+                methods.insert(0, DaemonPid(daemon))   # closed before the daemon stops
         if "bare" in methods_wanted:
             methods.append(Bare())
         if "wrapper" in methods_wanted:
@@ -277,6 +306,11 @@ def run(args: argparse.Namespace) -> dict:
             else:
                 skipped["systemd"] = "systemd is not PID 1 here (/run/systemd/system missing)"
         samples: dict[str, list[int]] = {m.name: [] for m in methods}
+        placement = None
+        if any(m.name == "daemon" for m in methods):
+            probe = next(m for m in methods if m.name == "daemon").session.tool_call("probe")
+            probe.run([TRUE])
+            placement = probe.handle.placement
         # warm-up: page cache, the daemon's first cgroup, bash's startup files
         for m in methods:
             for i in range(args.warmup):
@@ -315,9 +349,15 @@ def run(args: argparse.Namespace) -> dict:
         result["added_p99_us"] = round(result["daemon_p99_us"] - result["bare_p99_us"], 1)
     if "daemon" in samples and "wrapper" in samples:
         result["daemon_over_wrapper_p99"] = round(result["daemon_p99_us"] / result["wrapper_p99_us"], 3)
+    if "daemon_pid" in samples and "bare" in samples:
+        result["added_pid_p50_us"] = round(result["daemon_pid_p50_us"] - result["bare_p50_us"], 1)
+        result["added_pid_p99_us"] = round(result["daemon_pid_p99_us"] - result["bare_p99_us"], 1)
+    result["daemon_placement"] = placement
     daemon = next((m for m in methods if m.name == "daemon"), None)
     if daemon is not None:
         for op, s in daemon.request_ns.items():
+            if not s:
+                continue
             key = op.replace(".", "_")
             result[f"daemon_{key}_p50_us"] = percentile_us(s, 50)
             result[f"daemon_{key}_p99_us"] = percentile_us(s, 99)
@@ -337,21 +377,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="calls of one method before switching to the next (default 20)")
     p.add_argument("--root", help="cgroup directory to create and work in (default: "
                                   "<cgroup2 mount>/agentcg-bench-<pid>; removed at the end)")
-    p.add_argument("--methods", default="bare,wrapper,daemon,systemd",
-                   help="comma-separated subset of bare,wrapper,daemon,systemd")
+    p.add_argument("--methods", default="bare,wrapper,daemon,daemon_pid,systemd",
+                   help="comma-separated subset of bare,wrapper,daemon,daemon_pid,systemd "
+                        "(daemon_pid needs daemon)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"result JSON (default {DEFAULT_OUT})")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
     if args.calls < 1 or args.round_size < 1 or args.warmup < 0:
         p.error("--calls and --round-size must be >= 1, --warmup >= 0")
-    unknown = set(args.methods.split(",")) - {"bare", "wrapper", "daemon", "systemd"}
+    unknown = set(args.methods.split(",")) - {"bare", "wrapper", "daemon", "daemon_pid", "systemd"}
     if unknown:
         p.error(f"--methods: unknown {sorted(unknown)}")
     result = run(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    names = [n for n in ("bare", "wrapper", "daemon", "systemd") if f"{n}_p50_us" in result]
+    names = [n for n in ("bare", "wrapper", "daemon", "daemon_pid", "systemd") if f"{n}_p50_us" in result]
     print(f"{'method':<10}{'p50 us':>10}{'p99 us':>10}{'mean us':>10}")
     for n in names:
         print(f"{n:<10}{result[n + '_p50_us']:>10}{result[n + '_p99_us']:>10}{result[n + '_mean_us']:>10}")

@@ -121,19 +121,46 @@ def _peer(writer: asyncio.StreamWriter, conn: int) -> Peer:
     return Peer(pid=pid, uid=uid, gid=gid, conn=conn)
 
 
+async def send_with_fds(writer: asyncio.StreamWriter, data: bytes, fds: list[int]) -> None:
+    """Write `data` with `fds` attached (SCM_RIGHTS) to its first byte, in
+    order with what the transport already queued."""
+    transport = writer.transport
+    while transport.get_write_buffer_size():
+        await writer.drain()
+        if transport.get_write_buffer_size():
+            await asyncio.sleep(0.001)
+    raw = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+    try:
+        while True:
+            try:
+                sent = socket.send_fds(raw, [data], fds)
+                break
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+    finally:
+        raw.close()
+    if sent < len(data):
+        writer.write(data[sent:])
+
+
 class Server:
     def __init__(self, daemon: Daemon):
         self.daemon = daemon
         self.max_bytes = daemon.cfg.max_message_bytes
         self._conns = itertools.count(1)
 
-    async def _send(self, writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
+    async def _send(self, writer: asyncio.StreamWriter, msg: dict[str, Any],
+                    fds: list[int] | None = None) -> None:
         try:
             data = p.encode(msg, self.max_bytes)
         except p.MessageTooLarge:
             data = p.encode(p.error_reply(msg.get("id"), p.E_TOO_LARGE,
                                           f"reply longer than {self.max_bytes} bytes"), self.max_bytes)
-        writer.write(data)
+            fds = None
+        if fds:
+            await send_with_fds(writer, data, fds)
+        else:
+            writer.write(data)
         await writer.drain()
 
     async def client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -164,6 +191,14 @@ class Server:
                         await self._send(writer, p.end_message(rid))
                         continue
                     reply = await self.daemon.handle(msg, peer)
+                    fds = reply.pop("_fds", None)
+                    if fds:
+                        try:
+                            await self._send(writer, reply, fds)
+                        finally:
+                            for fd in fds:
+                                os.close(fd)
+                        continue
                 except p.ProtocolError as exc:
                     reply = p.error_reply(rid, exc.code, exc.message)
                 except Exception as exc:  # a bug must not kill the daemon

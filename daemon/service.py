@@ -32,6 +32,10 @@ log = logging.getLogger("agentcg.daemon")
 
 SESSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 CALL_DIR_RE = re.compile(r"^c-(\d+)$")
+PLACEMENTS = ("pid", "clone_into")
+# call cgroups made ahead per session, off the request path (cgroup2 cannot rename
+# a directory, so a spare is made under the number of the next call: c-<n>)
+SPARE_CALL_CGROUPS = 1
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,58 @@ class Daemon:
         self.enabled_controllers: set[str] = set()
         self._finalising: set[tuple[str, int]] = set()
         self.lingering: set[str] = set()        # kept call cgroups waiting for their stragglers
+        self.spares: dict[str, list[int]] = {}  # session -> numbers of empty c-<n> made ahead
         self._log_f = None
+
+    # -- work after the reply ------------------------------------------------
+    @staticmethod
+    def later(fn: Any, *args: Any) -> None:
+        """Run fn(*args) once the current reply is written (the next turn of
+        the event loop, before the next request is read); at once when no
+        loop runs (unit tests)."""
+        try:
+            asyncio.get_running_loop().call_soon(fn, *args)
+        except RuntimeError:
+            fn(*args)
+
+    def refill_spares(self, name: str) -> None:
+        """Make the session's next call cgroup ahead. A crash leaves at most an
+        empty c-<n> without a record, which restore removes."""
+        s = self.sessions.get(name)
+        if s is None:
+            return
+        spares = self.spares.setdefault(name, [])
+        while len(spares) < SPARE_CALL_CGROUPS:
+            n = s.next_call
+            try:
+                self.cgfs.create(f"{s.rel}/c-{n}")
+            except OSError as exc:
+                log.warning("cannot make a spare call cgroup in %s: %s", s.rel, exc)
+                return
+            s.next_call = n + 1
+            spares.append(n)
+
+    def remove_ended(self, rel: str) -> None:
+        """rmdir an ended call's cgroup (after its reply went out); a busy one
+        is retried by the watch."""
+        try:
+            if not self.cgfs.remove(rel):
+                self.lingering.add(rel)
+        except OSError as exc:
+            log.warning("cannot remove %s: %s; retrying", rel, exc)
+            self.lingering.add(rel)
+
+    def _new_call_dir(self, s: SessionRecord) -> int:
+        """The number of a fresh, empty call cgroup: a spare if one is ready."""
+        spares = self.spares.get(s.name)
+        while spares:
+            n = spares.pop(0)
+            if self.cgfs.exists(f"{s.rel}/c-{n}"):
+                return n
+        n = s.next_call
+        s.next_call += 1
+        self.cgfs.create(f"{s.rel}/c-{n}")
+        return n
 
     # -- persistence & events ----------------------------------------------
     def save(self) -> None:
@@ -143,7 +198,7 @@ class Daemon:
     def restore(self) -> dict[str, int]:
         """Rebuild from the state file and the cgroup tree after a restart."""
         _root, saved = load_state(self.cfg.state_file)
-        counts = {"sessions": 0, "calls": 0, "adopted": 0, "lost": 0}
+        counts = {"sessions": 0, "calls": 0, "adopted": 0, "lost": 0, "removed": 0}
         on_disk = [d[2:] for d in self.cgfs.children() if d.startswith("s-")]
         now_ns = time.monotonic_ns()
         for name in on_disk:
@@ -164,7 +219,14 @@ class Daemon:
                     counts["lost"] += 1
                     self.emit({"type": "call.lost", "uid": lost.uid, "session": name, "call": n,
                                "name": lost.name, "reason": "cgroup vanished while the daemon was down"})
-            for n in dirs:
+            for n in sorted(dirs):
+                if n not in s.calls and not self.cgfs.populated(f"{s.rel}/c-{n}"):
+                    # empty and unrecorded: a spare made ahead, an ended call whose
+                    # rmdir had not run yet, or a start that never replied; not a call
+                    if self.cgfs.remove(f"{s.rel}/c-{n}"):
+                        del dirs[n]
+                        counts["removed"] += 1
+                    continue
                 if n not in s.calls:
                     # no record (state written before the call started): rebuild what the
                     # tree knows, the start from the directory's creation, the limits from its files
@@ -185,7 +247,7 @@ class Daemon:
                 log.warning("session %s in the state file has no cgroup any more; dropped", name)
         self.save()
         log.info("restored %(sessions)d sessions, %(calls)d running calls "
-                 "(%(adopted)d adopted, %(lost)d lost)", counts)
+                 "(%(adopted)d adopted, %(lost)d lost), %(removed)d empty call cgroups removed", counts)
         return counts
 
     # -- dispatch ----------------------------------------------------------------
@@ -255,6 +317,7 @@ class Daemon:
         self.sessions[name] = s
         self.save()
         self.hooks.session_create(s, self.cgfs.path(s.rel))
+        self.later(self.refill_spares, name)
         self.emit({"type": "session.create", "uid": owner, "session": name, "by_uid": peer.uid,
                    "intent": intent.to_dict(), "limits": limits.to_dict()})
         return {"session": self._session_view(s), "skipped_files": res["skipped"]}
@@ -311,31 +374,42 @@ class Daemon:
         self.hooks.session_end(s, self.cgfs.path(s.rel))
         removed = self.cgfs.remove_tree(s.rel)
         del self.sessions[s.name]
+        self.spares.pop(s.name, None)
         self.save()
         self.emit({"type": "session.end", "uid": s.uid, "session": s.name, "by_uid": peer.uid,
                    "calls_done": s.calls_done, "removed": removed})
         return {"session": s.name, "removed": removed, "calls_ended": len(ended), "agent_pids_moved": moved}
 
     def op_call_start(self, msg: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        """placement "pid" (default): place the caller's waiting child `pid`.
+        placement "clone_into": no pid yet; the reply carries an O_RDONLY fd of
+        the call cgroup (SCM_RIGHTS, reply field "cgroup_fd": true); the client
+        clone3()s its child into it and names the pid with call.started."""
         s = self.get_session(msg.get("session"), peer)
-        pid = msg.get("pid")
-        check_pid(pid, peer, child_only=True, own_pid=self.own_pid)
+        placement = msg.get("placement", "pid")
+        if placement not in PLACEMENTS:
+            raise p.ProtocolError(p.E_BAD_REQUEST, f"placement: {placement!r} is not one of {list(PLACEMENTS)}")
+        pid = msg.get("pid") if placement == "pid" else 0
+        if placement == "pid":
+            check_pid(pid, peer, child_only=True, own_pid=self.own_pid)
         name = msg.get("name") or ""
         argv = msg.get("argv") or []
         if not isinstance(name, str) or not isinstance(argv, list):
             raise p.ProtocolError(p.E_BAD_REQUEST, "name/argv: not a string / list of strings")
         intent = Intent.parse(msg.get("intent")).over(self.config.call_defaults)
         limits, adjustments = call_limits(intent, s.limits)
-        n = s.next_call
-        s.next_call += 1
+        n = self._new_call_dir(s)
         c = CallRecord(session=s.name, n=n, name=name, uid=s.uid, pid=pid, intent=intent, limits=limits,
                        start_ns=time.monotonic_ns(), start_time=time.time(),
                        argv=[str(a) for a in argv][:64], conn=peer.conn)
-        self.cgfs.create(c.rel)
+        fd = None
         try:
             res = self.cgfs.apply_limits(c.rel, limits.files(),
                                          f"call {name or n} intent {intent.describe() or '(defaults)'}")
-            self.cgfs.place(c.rel, pid)
+            if placement == "pid":
+                self.cgfs.place(c.rel, pid)
+            else:
+                fd = self.cgfs.open_dir(c.rel)
         except ProcessLookupError:
             self.cgfs.remove(c.rel)
             raise p.ProtocolError(p.E_BAD_PID, f"pid: {pid} exited before it was placed") from None
@@ -344,11 +418,69 @@ class Daemon:
             raise p.ProtocolError(p.E_CGROUP, f"cannot set up {c.rel}: {exc}") from None
         s.calls[n] = c
         self.save()
+        self.later(self.refill_spares, s.name)
+        reply = {"call": n, "cgroup": str(self.cgfs.path(c.rel)), "limits": limits.to_dict(),
+                 "adjustments": [a.to_dict() for a in adjustments], "skipped_files": res["skipped"]}
+        if fd is not None:
+            # hooks and the event wait for call.started, which names the pid
+            reply.update(placement="clone_into", cgroup_fd=True, _fds=[fd])
+            return reply
         self.hooks.call_start(s, c, self.cgfs.path(c.rel))
         self.emit({"type": "call.start", "uid": s.uid, "session": s.name, "call": n, "name": name,
                    "pid": pid, "intent": intent.to_dict(), "limits": limits.to_dict()})
-        return {"call": n, "cgroup": str(self.cgfs.path(c.rel)), "limits": limits.to_dict(),
-                "adjustments": [a.to_dict() for a in adjustments], "skipped_files": res["skipped"]}
+        return reply
+
+    def op_call_started(self, msg: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        """The pid of a clone_into call's child. It must be the caller's child;
+        if it is not inside the call cgroup yet (clone3 was refused and the
+        client fell back to a waiting child), it is placed now, before the
+        client lets it exec."""
+        s = self.get_session(msg.get("session"), peer)
+        n = msg.get("call")
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise p.ProtocolError(p.E_BAD_REQUEST, f"call: {n!r} is not a call number")
+        c = s.calls.get(n)
+        if c is None:
+            raise p.ProtocolError(p.E_NOT_FOUND, f"call: {n} is not running in session {s.name!r}")
+        if c.pid:
+            raise p.ProtocolError(p.E_BAD_REQUEST, f"call: {n} already has pid {c.pid}")
+        pid = msg.get("pid")
+        check_pid(pid, peer, child_only=True, own_pid=self.own_pid)
+        placed = "clone_into"
+        if not self._in_cgroup(pid, c.rel):
+            try:
+                self.cgfs.place(c.rel, pid)
+            except ProcessLookupError:
+                raise p.ProtocolError(p.E_BAD_PID, f"pid: {pid} exited before it was placed") from None
+            except OSError as exc:
+                raise p.ProtocolError(p.E_CGROUP, f"cannot place pid {pid} in {c.rel}: {exc}") from None
+            placed = "pid"
+        c.pid = pid
+        # the child runs already: the hooks see the call after this reply
+        self.later(self._call_started, s.name, n, placed)
+        return {"call": n, "pid": pid, "placement": placed}
+
+    def _in_cgroup(self, pid: int, rel: str) -> bool:
+        """Whether pid (alive or a zombie: /proc/<pid>/cgroup still names it) is in rel."""
+        cg = pid_cgroup(pid)
+        if cg is None:
+            return False
+        if self.mount is not None:
+            return os.path.normpath(self.mount.rstrip("/") + cg) == self._f_path(rel)
+        return pid in self.cgfs.procs(rel)
+
+    def _f_path(self, rel: str) -> str:
+        return os.path.normpath(str(self.cgfs.path(rel)))
+
+    def _call_started(self, name: str, n: int, placed: str) -> None:
+        s = self.sessions.get(name)
+        c = s.calls.get(n) if s is not None else None
+        if c is None:
+            return
+        self.hooks.call_start(s, c, self.cgfs.path(c.rel))
+        self.emit({"type": "call.start", "uid": s.uid, "session": s.name, "call": n, "name": c.name,
+                   "pid": c.pid, "placement": placed, "intent": c.intent.to_dict(),
+                   "limits": c.limits.to_dict()})
 
     async def op_call_end(self, msg: dict[str, Any], peer: Peer) -> dict[str, Any]:
         name = msg.get("session")
@@ -443,7 +575,7 @@ class Daemon:
         stats = CallStats(wall_ns=wall_ns, stragglers=stragglers, stragglers_action=action, extra=extra,
                           **{k: v for k, v in raw.items() if k in CallStats.__dataclass_fields__})
         items = feedback(stats, c.limits, argv=c.argv, duration_ns=c.intent.duration_ns)
-        removed = self.cgfs.remove(rel) if action != "kept" else False
+        removed = action != "kept"   # rmdir right after the reply (remove_ended)
         if action == "kept":
             log.info("call %s kept with %d processes; removed when they exit", rel, stragglers)
         s.calls.pop(c.n, None)
@@ -457,6 +589,8 @@ class Daemon:
             self.finished.pop(next(iter(self.finished)))
         if action == "kept":
             self.lingering.add(rel)
+        else:
+            self.later(self.remove_ended, rel)
         self.emit({"type": "call.end", **result})
         return result
 
@@ -495,4 +629,5 @@ class Daemon:
                 self.cgfs.wait_unpopulated(s.rel, 5.0)
             self.cgfs.remove_tree(s.rel)
             del self.sessions[s.name]
+            self.spares.pop(s.name, None)
         self.save()

@@ -394,6 +394,16 @@ class CgroupFs:
                 raise ProcessLookupError(pid) from None
             raise
 
+    def open_dir(self, rel: str) -> int:
+        """An O_RDONLY|O_DIRECTORY fd of the cgroup (for clone3's
+        CLONE_INTO_CGROUP); the caller closes it. CgroupGone if it vanished."""
+        try:
+            return os.open(self._f(rel), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            if _gone(exc):
+                raise CgroupGone(rel) from None
+            raise
+
     def freeze(self, rel: str, reason: str = "") -> None:
         self.write(rel, "cgroup.freeze", "1", reason)
 

@@ -9,10 +9,15 @@
         for item in result.feedback:
             print(item["message"], item["suggestion"])
 
-Placement: the command starts as a tiny /bin/sh trampoline that blocks on a
-pipe; the daemon moves its pid into the tool call's cgroup; only then does
-the client write to the pipe and the trampoline exec()s the command, so the
-tool never runs an instruction outside its cgroup.
+Placement: where the kernel has clone3(CLONE_INTO_CGROUP) (Linux >= 5.7) and
+the caller may create processes in the daemon's tree (root), the daemon sends
+the new call cgroup's directory fd over the socket (SCM_RIGHTS) and the child
+is born inside it, then execs the command; the client names the pid with
+`call.started`. Otherwise (older kernels, unprivileged callers, Popen
+options such as PIPEs) the command starts as a tiny /bin/sh trampoline that
+blocks on a pipe; the daemon moves its pid into the tool call's cgroup; only
+then does the client write to the pipe and the trampoline exec()s the
+command. Either way the tool never runs an instruction outside its cgroup.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ from typing import Any, Iterator, Sequence
 
 from agentcg import protocol as p
 from agentcg.protocol import ProtocolError
+
+from . import _clone
 
 __all__ = ["Client", "Session", "ToolCall", "CallResult", "CallHandle", "ProtocolError",
            "DaemonUnavailable", "default_socket_path"]
@@ -65,6 +72,7 @@ class CallResult:
     stdout: Any = None
     stderr: Any = None
     reply: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None       # the command could not be executed (exit status 127)
 
     def feedback_text(self) -> str:
         return "\n".join(f"agentcg: {f['message']} {f.get('suggestion', '')}".rstrip() for f in self.feedback)
@@ -75,7 +83,12 @@ class Client:
     daemon restart). Safe to share between threads."""
 
     def __init__(self, socket_path: str | None = None, *, max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES,
-                 timeout_s: float | None = 60.0):
+                 timeout_s: float | None = 60.0, clone_into: bool | None = None):
+        """clone_into: start commands inside their cgroup with clone3 (True),
+        never (False), or when running as root (None, the default). A refusal
+        (kernel without it, no permission, an older daemon) falls back to the
+        waiting-child placement for the rest of this client's life."""
+        self.clone_into = (os.geteuid() == 0) if clone_into is None else clone_into
         self.socket_path = socket_path or default_socket_path()
         self.max_bytes = max_message_bytes
         self.timeout_s = timeout_s
@@ -108,14 +121,17 @@ class Client:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def request(self, op: str, *, retry_s: float = 0.0, **fields: Any) -> dict[str, Any]:
+    def request(self, op: str, *, retry_s: float = 0.0, fds_out: list[int] | None = None,
+                **fields: Any) -> dict[str, Any]:
         """Send one request and return its reply; raises ProtocolError on ok=false.
         With retry_s > 0, a lost connection is re-established (the daemon may be
-        restarting) and the request sent again until retry_s have passed."""
+        restarting) and the request sent again until retry_s have passed.
+        File descriptors sent with the reply are appended to `fds_out` (the
+        caller closes them), or closed when it is None."""
         deadline = time.monotonic() + retry_s
         while True:
             try:
-                return self._request_once(op, fields)
+                return self._request_once(op, fields, fds_out)
             except (DaemonUnavailable, ConnectionError, BrokenPipeError, EOFError) as exc:
                 self.close()
                 if time.monotonic() >= deadline:
@@ -124,7 +140,7 @@ class Client:
                     raise DaemonUnavailable(f"lost the connection to agentcgd: {exc}") from None
                 time.sleep(0.05)
 
-    def _request_once(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
+    def _request_once(self, op: str, fields: dict[str, Any], fds_out: list[int] | None = None) -> dict[str, Any]:
         with self._lock:
             if self._sock is None:
                 self._sock = self._connect()
@@ -139,6 +155,13 @@ class Client:
                 msg = p.decode(line)
                 if msg.get("id") in (rid, None):
                     break
+                self._reader.close_fds()
+            fds = self._reader.take_fds()
+        if fds_out is None or not msg.get("ok"):
+            for fd in fds:
+                os.close(fd)
+        else:
+            fds_out.extend(fds)
         return p.raise_for_error(msg)
 
     # -- API --------------------------------------------------------------
@@ -257,6 +280,27 @@ class ToolCall:
         if "/" not in argv[0] and shutil.which(argv[0], path=(env or os.environ).get("PATH")) is None:
             raise FileNotFoundError(2, "No such file or directory", argv[0])
         client = self.session.client
+        if client.clone_into and _clone.supported(popen_kwargs):
+            handle = self._popen_clone_into(argv, popen_kwargs)
+            if handle is not None:
+                return handle
+        proc, w = self._waiting_child(argv, popen_kwargs)
+        try:
+            reply = client.request("call.start", session=self.session.name, name=self.name,
+                                   intent=_intent(self.intent), pid=proc.pid, argv=argv)
+        except BaseException:
+            os.close(w)  # the trampoline exits 125 without running the command
+            proc.wait()
+            raise
+        try:
+            os.write(w, b"go\n")
+        finally:
+            os.close(w)
+        self.handle = CallHandle(self, proc, reply)
+        return self.handle
+
+    def _waiting_child(self, argv: list[str], popen_kwargs: dict[str, Any]) -> tuple[subprocess.Popen, int]:
+        """A trampoline child that execs argv once a line arrives on the returned fd."""
         r, w = os.pipe()
         pass_fds = tuple(popen_kwargs.pop("pass_fds", ()))
         try:
@@ -270,18 +314,68 @@ class ToolCall:
             os.close(w)
             raise
         os.close(r)
+        return proc, w
+
+    def _popen_clone_into(self, argv: list[str], popen_kwargs: dict[str, Any]) -> "CallHandle | None":
+        """Start argv born inside its call cgroup; None when the daemon does not
+        offer clone_into (the caller then uses the waiting child)."""
+        client = self.session.client
+        sname = self.session.name
+        prep = _clone.Prepared(argv, **popen_kwargs)   # FileNotFoundError before any call starts
         try:
-            reply = client.request("call.start", session=self.session.name, name=self.name,
-                                   intent=_intent(self.intent), pid=proc.pid, argv=argv)
-        except BaseException:
-            os.close(w)  # the trampoline exits 125 without running the command
-            proc.wait()
-            raise
-        try:
-            os.write(w, b"go\n")
+            fds: list[int] = []
+            try:
+                reply = client.request("call.start", fds_out=fds, session=sname, name=self.name,
+                                       intent=_intent(self.intent), argv=argv, placement="clone_into")
+            except ProtocolError as exc:
+                if exc.code == p.E_BAD_REQUEST and ("pid" in exc.message or "placement" in exc.message):
+                    client.clone_into = False      # a daemon without clone_into
+                    return None
+                raise
+            n = reply["call"]
+            proc: Any = None
+            w = -1
+            try:
+                if not fds:
+                    raise ProtocolError(p.E_INTERNAL, "call.start: no cgroup fd came with the reply")
+                try:
+                    proc = _clone.spawn(prep, fds[0])
+                except OSError as exc:
+                    if exc.errno not in _clone.FALLBACK_ERRNOS:
+                        raise
+                    client.clone_into = False      # refused: place a waiting child instead
+                    proc, w = self._waiting_child(argv, dict(popen_kwargs))
+                client.request("call.started", session=sname, call=n, pid=proc.pid)
+            except BaseException:
+                if w >= 0:
+                    os.close(w)
+                if proc is not None:
+                    proc.kill()
+                    proc.wait()
+                try:
+                    client.request("call.end", session=sname, call=n, exit_status=None)
+                except (ProtocolError, ConnectionError):
+                    pass
+                raise
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            if w >= 0:
+                try:
+                    os.write(w, b"go\n")
+                finally:
+                    os.close(w)
+            error = None
+            if getattr(proc, "exec_errno", None):
+                error = f"cannot execute {argv[0]}: {os.strerror(proc.exec_errno)}"
+                try:
+                    os.write(prep.stderr_fd, f"agentcg: {error}\n".encode())
+                except OSError:
+                    pass
         finally:
-            os.close(w)
+            prep.close()
         self.handle = CallHandle(self, proc, reply)
+        self.handle.error = error
         return self.handle
 
     def run(self, argv: Sequence[str], *, input: bytes | str | None = None, **popen_kwargs: Any) -> CallResult:
@@ -302,6 +396,8 @@ class CallHandle:
         self.cgroup: str = reply["cgroup"]
         self.limits: dict[str, Any] = reply["limits"]
         self.adjustments: list[dict[str, Any]] = reply.get("adjustments", [])
+        self.placement: str = reply.get("placement", "pid")
+        self.error: str | None = None
         self.result: CallResult | None = None
 
     @property
@@ -337,5 +433,6 @@ class CallHandle:
                                        call=self.number, exit_status=exit_status(rc))
         self.result = CallResult(exit_status=exit_status(rc), returncode=rc, session=session.name,
                                  call=self.number, stats=reply.get("stats", {}), limits=reply.get("limits", {}),
-                                 feedback=reply.get("feedback", []), stdout=out, stderr=err, reply=reply)
+                                 feedback=reply.get("feedback", []), stdout=out, stderr=err, reply=reply,
+                                 error=self.error)
         return self.result
