@@ -542,6 +542,10 @@ class BpfHook:
                 feats["netpolicy"] = Feature("failed", str(exc).splitlines()[0])
         elif network:
             feats["netpolicy"] = Feature("off", "cgroup BPF programs unavailable: network intent not enforced")
+        if os.environ.get("AGENTCG_SCHED_EXT") == "0":
+            self.use_sched_ext = False
+            if feats.get("sched_ext", Feature("absent")).state == "available":
+                feats["sched_ext"] = Feature("off", "disabled by AGENTCG_SCHED_EXT=0")
         if self.use_sched_ext and feats.get("sched_ext", Feature("absent")).state == "available":
             try:
                 self.sched = SchedExt()
