@@ -12,7 +12,9 @@ import json
 import logging
 import os
 import re
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -101,7 +103,13 @@ class Daemon:
         self.enabled_controllers: set[str] = set()
         self._finalising: set[tuple[str, int]] = set()
         self.lingering: set[str] = set()        # kept call cgroups waiting for their stragglers
-        self.spares: dict[str, list[int]] = {}  # session -> numbers of empty c-<n> made ahead
+        # session -> [(n, future)] of empty c-<n> made ahead (future: True once made)
+        self.spares: dict[str, list[tuple[int, Any]]] = {}
+        self._bg: ThreadPoolExecutor | None = None   # mkdir/rmdir/state writes off the loop
+        self._starting: dict[tuple[str, int], str] = {}  # clone_into calls whose hooks run after the reply
+        self._save_lock = threading.Lock()
+        self._save_seq = 0
+        self._saved_seq = 0
         self._log_f = None
 
     # -- work after the reply ------------------------------------------------
@@ -115,54 +123,114 @@ class Daemon:
         except RuntimeError:
             fn(*args)
 
+    def background(self, fn: Any, *args: Any) -> Any:
+        """Run a blocking cgroupfs/file operation in the daemon's one worker
+        thread (the kernel work overlaps the loop's); an awaitable future.
+        Without a running loop it runs now and returns a done future."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            import concurrent.futures
+            fut: Any = concurrent.futures.Future()
+            try:
+                fut.set_result(fn(*args))
+            except Exception as exc:
+                fut.set_exception(exc)
+            return fut
+        if self._bg is None:
+            self._bg = ThreadPoolExecutor(1, thread_name_prefix="agentcgd-io")
+        return loop.run_in_executor(self._bg, fn, *args)
+
+    def _mkdir(self, rel: str) -> bool:
+        try:
+            self.cgfs.create(rel)
+            return True
+        except OSError as exc:
+            log.warning("cannot make a spare call cgroup %s: %s", rel, exc)
+            return False
+
     def refill_spares(self, name: str) -> None:
-        """Make the session's next call cgroup ahead. A crash leaves at most an
-        empty c-<n> without a record, which restore removes."""
+        """Make the session's next call cgroup ahead, in the worker thread. A
+        crash leaves at most an empty c-<n> without a record: restore removes it."""
         s = self.sessions.get(name)
         if s is None:
             return
         spares = self.spares.setdefault(name, [])
         while len(spares) < SPARE_CALL_CGROUPS:
             n = s.next_call
-            try:
-                self.cgfs.create(f"{s.rel}/c-{n}")
-            except OSError as exc:
-                log.warning("cannot make a spare call cgroup in %s: %s", s.rel, exc)
-                return
             s.next_call = n + 1
-            spares.append(n)
+            spares.append((n, self.background(self._mkdir, f"{s.rel}/c-{n}")))
+
+    async def _spares_settled(self, name: str) -> None:
+        for _n, fut in self.spares.pop(name, []):
+            try:
+                if isinstance(fut, asyncio.Future):
+                    await fut
+            except Exception:
+                pass
+
+    def _removed(self, rel: str, fut: Any) -> None:
+        try:
+            ok = fut.result()
+        except Exception as exc:
+            log.warning("cannot remove %s: %s; retrying", rel, exc)
+            ok = False
+        if not ok:
+            self.lingering.add(rel)   # busy: the watch retries
 
     def remove_ended(self, rel: str) -> None:
-        """rmdir an ended call's cgroup (after its reply went out); a busy one
-        is retried by the watch."""
-        try:
-            if not self.cgfs.remove(rel):
-                self.lingering.add(rel)
-        except OSError as exc:
-            log.warning("cannot remove %s: %s; retrying", rel, exc)
-            self.lingering.add(rel)
+        """rmdir an ended call's cgroup after its reply went out, in the worker thread."""
+        self.background(self.cgfs.remove, rel).add_done_callback(lambda f: self._removed(rel, f))
+
+    async def spare_settled(self, name: Any) -> None:
+        """Wait for the session's next spare to be made (call.start takes it)."""
+        spares = self.spares.get(name) if isinstance(name, str) else None
+        if spares and isinstance(spares[0][1], asyncio.Future) and not spares[0][1].done():
+            try:
+                await spares[0][1]
+            except Exception:
+                pass
 
     def _new_call_dir(self, s: SessionRecord) -> int:
-        """The number of a fresh, empty call cgroup: a spare if one is ready."""
+        """The number of a fresh, empty call cgroup: the spare made ahead if
+        there is one, else made now (under the spare's number if its mkdir
+        has not finished, so that calls stay numbered in order)."""
         spares = self.spares.get(s.name)
-        while spares:
-            n = spares.pop(0)
-            if self.cgfs.exists(f"{s.rel}/c-{n}"):
+        if spares:
+            n, fut = spares.pop(0)
+            try:
+                made = fut.done() and fut.result()
+            except Exception:
+                made = False
+            if made and self.cgfs.exists(f"{s.rel}/c-{n}"):
                 return n
-        n = s.next_call
-        s.next_call += 1
+        else:
+            n = s.next_call
+            s.next_call += 1
         self.cgfs.create(f"{s.rel}/c-{n}")
         return n
 
     # -- persistence & events ----------------------------------------------
     def save(self) -> None:
-        """Persist the state before a reply goes out, so that a crash right
-        after it cannot lose a started call. /run is tmpfs: a rename there
-        costs tens of microseconds."""
-        try:
-            write_atomic(self.cfg.state_file, state_json(str(self.cgfs.root), self.sessions))
-        except OSError as exc:
-            log.error("cannot write state file %s: %s", self.cfg.state_file, exc)
+        """Persist the state now (before a reply that depends on it). /run is
+        tmpfs: a rename there costs tens of microseconds."""
+        self._save_seq += 1
+        self._write_state(self._save_seq, state_json(str(self.cgfs.root), self.sessions))
+
+    def save_later(self) -> None:
+        """Persist the state as it is now, written by the worker thread."""
+        self._save_seq += 1
+        self.background(self._write_state, self._save_seq, state_json(str(self.cgfs.root), self.sessions))
+
+    def _write_state(self, seq: int, text: str) -> None:
+        with self._save_lock:      # never let an older snapshot overwrite a newer one
+            if seq < self._saved_seq:
+                return
+            try:
+                write_atomic(self.cfg.state_file, text)
+                self._saved_seq = seq
+            except OSError as exc:
+                log.error("cannot write state file %s: %s", self.cfg.state_file, exc)
 
     def emit(self, event: dict[str, Any]) -> None:
         event = {"time": time.time(), **event}
@@ -254,6 +322,8 @@ class Daemon:
     async def handle(self, msg: dict[str, Any], peer: Peer) -> dict[str, Any]:
         rid, op = p.check_request(msg)
         fn = getattr(self, "op_" + op.replace(".", "_"))
+        if op == "call.start":
+            await self.spare_settled(msg.get("session"))
         try:
             result = fn(msg, peer)
             if asyncio.iscoroutine(result):
@@ -372,9 +442,9 @@ class Daemon:
                 except OSError as exc:
                     log.warning("cannot move agent pid %d back to %s: %s", pid, target, exc)
         self.hooks.session_end(s, self.cgfs.path(s.rel))
+        await self._spares_settled(s.name)
         removed = self.cgfs.remove_tree(s.rel)
         del self.sessions[s.name]
-        self.spares.pop(s.name, None)
         self.save()
         self.emit({"type": "session.end", "uid": s.uid, "session": s.name, "by_uid": peer.uid,
                    "calls_done": s.calls_done, "removed": removed})
@@ -417,7 +487,10 @@ class Daemon:
             self.cgfs.remove(c.rel)
             raise p.ProtocolError(p.E_CGROUP, f"cannot set up {c.rel}: {exc}") from None
         s.calls[n] = c
-        self.save()
+        # the state file is written after the reply: a crash in between leaves a
+        # call cgroup without a record, which restore adopts (limits read back
+        # from its files) when a process is inside and removes when empty
+        self.later(self.save_later)
         self.later(self.refill_spares, s.name)
         reply = {"call": n, "cgroup": str(self.cgfs.path(c.rel)), "limits": limits.to_dict(),
                  "adjustments": [a.to_dict() for a in adjustments], "skipped_files": res["skipped"]}
@@ -445,9 +518,12 @@ class Daemon:
         if c.pid:
             raise p.ProtocolError(p.E_BAD_REQUEST, f"call: {n} already has pid {c.pid}")
         pid = msg.get("pid")
-        check_pid(pid, peer, child_only=True, own_pid=self.own_pid)
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0 or pid == self.own_pid:
+            raise p.ProtocolError(p.E_BAD_REQUEST, f"pid: {pid!r} is not a process id")
         placed = "clone_into"
+        # inside already: born there through the fd only this caller received
         if not self._in_cgroup(pid, c.rel):
+            check_pid(pid, peer, child_only=True, own_pid=self.own_pid)
             try:
                 self.cgfs.place(c.rel, pid)
             except ProcessLookupError:
@@ -457,7 +533,8 @@ class Daemon:
             placed = "pid"
         c.pid = pid
         # the child runs already: the hooks see the call after this reply
-        self.later(self._call_started, s.name, n, placed)
+        self._starting[(s.name, n)] = placed
+        self.later(self._call_started, s.name, n)
         return {"call": n, "pid": pid, "placement": placed}
 
     def _in_cgroup(self, pid: int, rel: str) -> bool:
@@ -472,7 +549,12 @@ class Daemon:
     def _f_path(self, rel: str) -> str:
         return os.path.normpath(str(self.cgfs.path(rel)))
 
-    def _call_started(self, name: str, n: int, placed: str) -> None:
+    def _call_started(self, name: str, n: int) -> None:
+        """The call.start hooks and event of a clone_into call (after the
+        call.started reply, or first thing at its end if that came sooner)."""
+        placed = self._starting.pop((name, n), None)
+        if placed is None:
+            return
         s = self.sessions.get(name)
         c = s.calls.get(n) if s is not None else None
         if c is None:
@@ -549,6 +631,8 @@ class Daemon:
 
     async def _finalise(self, s: SessionRecord, c: CallRecord, *, exit_status: int | None,
                         reason: str, force_kill: bool) -> dict[str, Any]:
+        if (s.name, c.n) in self._starting:
+            self._call_started(s.name, c.n)
         rel = c.rel
         stragglers = 0
         action = None
@@ -627,7 +711,7 @@ class Daemon:
             if self.cgfs.populated(s.rel):
                 self.cgfs.kill(s.rel, "daemon teardown")
                 self.cgfs.wait_unpopulated(s.rel, 5.0)
+            await self._spares_settled(s.name)
             self.cgfs.remove_tree(s.rel)
             del self.sessions[s.name]
-            self.spares.pop(s.name, None)
         self.save()

@@ -95,6 +95,7 @@ class Client:
         self._sock: socket.socket | None = None
         self._reader: p.LineReader | None = None
         self._ids = 0
+        self._pending: dict[int, Any] = {}   # id -> callback(reply) of requests sent without waiting
         self._lock = threading.Lock()
 
     # -- transport -------------------------------------------------------
@@ -114,6 +115,7 @@ class Client:
                 self._sock.close()
             self._sock = None
             self._reader = None
+            self._pending.clear()
 
     def __enter__(self) -> "Client":
         return self
@@ -156,6 +158,9 @@ class Client:
                 if msg.get("id") in (rid, None):
                     break
                 self._reader.close_fds()
+                callback = self._pending.pop(msg.get("id"), None)
+                if callback is not None:
+                    callback(msg)
             fds = self._reader.take_fds()
         if fds_out is None or not msg.get("ok"):
             for fd in fds:
@@ -163,6 +168,33 @@ class Client:
         else:
             fds_out.extend(fds)
         return p.raise_for_error(msg)
+
+    def send(self, op: str, on_reply: Any, **fields: Any) -> None:
+        """Send a request without waiting: its reply is handed to
+        on_reply(message) while a later request reads its own reply."""
+        with self._lock:
+            if self._sock is None:
+                self._sock = self._connect()
+                self._reader = p.LineReader(self._sock, self.max_bytes)
+            self._ids += 1
+            self._pending[self._ids] = on_reply
+            self._sock.sendall(p.encode(p.request(self._ids, op, **fields), self.max_bytes))
+
+    def flush(self) -> None:
+        """Read the replies of requests sent without waiting (see send)."""
+        with self._lock:
+            try:
+                while self._pending and self._reader is not None:
+                    line = self._reader.readline()
+                    if line is None:
+                        raise EOFError("agentcgd closed the connection")
+                    msg = p.decode(line)
+                    self._reader.close_fds()
+                    callback = self._pending.pop(msg.get("id"), None)
+                    if callback is not None:
+                        callback(msg)
+            except (OSError, EOFError, ProtocolError):
+                self._pending.clear()   # the connection is lost; the next request reconnects
 
     # -- API --------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -333,6 +365,7 @@ class ToolCall:
                     return None
                 raise
             n = reply["call"]
+            started: list[dict[str, Any]] = []
             proc: Any = None
             w = -1
             try:
@@ -345,7 +378,10 @@ class ToolCall:
                         raise
                     client.clone_into = False      # refused: place a waiting child instead
                     proc, w = self._waiting_child(argv, dict(popen_kwargs))
-                client.request("call.started", session=sname, call=n, pid=proc.pid)
+                if w >= 0:   # the daemon must place it before it may exec
+                    client.request("call.started", session=sname, call=n, pid=proc.pid)
+                else:        # born inside: the reply is read with the next request
+                    client.send("call.started", started.append, session=sname, call=n, pid=proc.pid)
             except BaseException:
                 if w >= 0:
                     os.close(w)
@@ -376,6 +412,7 @@ class ToolCall:
             prep.close()
         self.handle = CallHandle(self, proc, reply)
         self.handle.error = error
+        self.handle.started = started
         return self.handle
 
     def run(self, argv: Sequence[str], *, input: bytes | str | None = None, **popen_kwargs: Any) -> CallResult:
@@ -398,6 +435,7 @@ class CallHandle:
         self.adjustments: list[dict[str, Any]] = reply.get("adjustments", [])
         self.placement: str = reply.get("placement", "pid")
         self.error: str | None = None
+        self.started: list[dict[str, Any]] = []   # call.started's reply, once read
         self.result: CallResult | None = None
 
     @property
@@ -425,12 +463,22 @@ class CallHandle:
         if input is not None or self.proc.stdout is not None or self.proc.stderr is not None:
             out, err = self.proc.communicate(input=input, timeout=timeout)
         else:
+            if self.placement == "clone_into" and not self.started:
+                # the daemon checks the pid named by call.started: keep it
+                # (a zombie) until that reply is in, then reap
+                if not self.proc.wait_exited(timeout):
+                    raise subprocess.TimeoutExpired(self.proc.args, timeout)
+                self.call.session.client.flush()
             self.proc.wait(timeout=timeout)
             out = err = None
         rc = self.proc.returncode
         session = self.call.session
         reply = session.client.request("call.end", retry_s=RECONNECT_S, session=session.name,
                                        call=self.number, exit_status=exit_status(rc))
+        for msg in self.started:
+            if not msg.get("ok") and self.error is None:
+                err = msg.get("error") or {}
+                self.error = f"call.started: {err.get('code')}: {err.get('message')}"
         self.result = CallResult(exit_status=exit_status(rc), returncode=rc, session=session.name,
                                  call=self.number, stats=reply.get("stats", {}), limits=reply.get("limits", {}),
                                  feedback=reply.get("feedback", []), stdout=out, stderr=err, reply=reply,

@@ -166,6 +166,14 @@ class ClonedProcess:
                 self._reap(status)
         return self.returncode
 
+    def wait_exited(self, timeout: float | None = None) -> bool:
+        """Wait until the child exits without reaping it (its pid stays valid)."""
+        if self.returncode is not None:
+            return True
+        p = select.poll()
+        p.register(self.pidfd, select.POLLIN)
+        return bool(p.poll(-1 if timeout is None else max(0, int(timeout * 1000))))
+
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is not None:
             return self.returncode

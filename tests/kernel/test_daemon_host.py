@@ -340,5 +340,5 @@ def test_restart_without_state_adopts_the_tree(daemon):
     assert [x["name"] for x in sessions] == ["adopt"] and sessions[0]["running_calls"] == 1
     r = h.wait()
     assert r.exit_status == 2 and r.stats["wall_ns"] >= 900_000_000
-    assert not (daemon.root / "s-adopt" / f"c-{h.number}").exists()
+    assert gone_soon(daemon.root / "s-adopt" / f"c-{h.number}")
     s.end()
