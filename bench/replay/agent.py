@@ -71,10 +71,12 @@ def run_call(call: CallPlan, speedup: float, burst_min: int, log_fd: int, n: int
     while True:
         upto = [b for t, b in call.profile if tau < t <= tau + d_tau]
         target = int(max([_interp(call.profile, tau)] + upto))
-        if target - h.held >= burst_min and not in_burst:
+        # a burst: the recorded profile climbs by burst_min within the next recorded second
+        ahead = max([b for t, b in call.profile if tau < t <= tau + 1.0] + [target])
+        if ahead - h.held >= burst_min and target > h.held and not in_burst:
             os.write(log_fd, f"{n} {time.monotonic_ns()} {target - h.held}\n".encode())
             in_burst = True
-        elif target <= h.held:
+        elif ahead <= h.held:
             in_burst = False
         h.set(target)
         if call.cpu_frac > 0:

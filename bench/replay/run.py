@@ -128,8 +128,9 @@ class PolicyRun:
     def start_daemon(self) -> subprocess.Popen:
         self.dir.mkdir(parents=True, exist_ok=True)
         cfg = self.dir / "agentcg.toml"
-        cfg.write_text(f'[daemon]\nrequire_controllers = true\nlog_level = "warning"\n\n'
-                       f'[policy]\npreset = "{POLICIES[self.policy]}"\n')
+        policy = (f'rules = [{{ name = "static_session_max", args = {{ sessions = {len(self.plans)} }} }}]'
+                  if self.policy == "static" else f'preset = "{POLICIES[self.policy]}"')
+        cfg.write_text(f'[daemon]\nrequire_controllers = true\nlog_level = "warning"\n\n[policy]\n{policy}\n')
         runtime = Path("/tmp") / f"agentcg-replay-{os.getpid()}-{self.root.name}"
         runtime.mkdir(parents=True, exist_ok=True)
         self.socket = str(runtime / "agentcg.sock")
@@ -244,16 +245,15 @@ def summarize(policy: str, raw: dict, solo: dict[str, float], budget: int | None
     mem = [b for _t, b in raw["samples"]]
     # reaction: burst start -> first policy action on that session's tree
     reactions = []
-    by_session: dict[str, list[int]] = {}
+    by_target: dict[str, list[int]] = {}
     for ev in raw["actions"]:
-        sess = ev.get("target", "").split("/")[0]
-        by_session.setdefault(sess, []).append(int(ev.get("t_ns", 0)))
-    for v in by_session.values():
+        by_target.setdefault(ev.get("target", ""), []).append(int(ev.get("t_ns", 0)))
+    for v in by_target.values():
         v.sort()
     unanswered = 0
     for a in agents:
-        ts = by_session.get(f"s-r{a['i']}", [])
-        for _n, t_b in a["bursts"]:
+        for n, t_b in a["bursts"]:
+            ts = by_target.get(f"s-r{a['i']}/c-{n}", [])
             nxt = next((t for t in ts if t >= t_b), None)
             if nxt is not None and nxt - t_b <= 2_000_000_000:
                 reactions.append((nxt - t_b) / 1e6)
@@ -278,6 +278,8 @@ def summarize(policy: str, raw: dict, solo: dict[str, float], budget: int | None
         "reaction_p99_ms": pct(reactions, 0.99),
         "bursts": sum(len(a["bursts"]) for a in agents),
         "bursts_with_action": len(reactions),
+        "reaction_note": "burst start (a call's recorded profile climbs by burst_min within a recorded second) "
+                         "-> first policy action on that call's cgroup within 2 s",
         "policy_actions": len(raw["actions"]),
         "action_kinds": {k: sum(1 for e in raw["actions"] if e.get("kind") == k) for k in ("set", "freeze", "thaw", "kill")},
         "tool_calls": len(calls),

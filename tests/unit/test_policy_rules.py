@@ -35,6 +35,9 @@ def snap(sessions, budget=2 * G, now=10**12, state=None, usage=None):
     return Snapshot(now, HostView(cg("", used), budget), tuple(sessions), state or PolicyState())
 
 
+BB0 = {"name": "burst_borrow", "args": {"share_pct": 0.0}}
+
+
 def rules(*entries):
     return load_ruleset({"rules": [e if isinstance(e, dict) else {"name": e} for e in entries]})
 
@@ -103,27 +106,27 @@ def test_psi_total_growth_between_ticks_is_pressure_and_quiet_is_not():
 def test_new_call_starts_at_its_intent_or_default():
     c1 = call("a", 1, cur=1 * M, intent_memory_bytes=256 * M)
     c2 = call("a", 2, cur=1 * M)
-    acts = decide(snap([session("a", 1, [c1, c2])]), rules("burst_borrow"))
+    acts = decide(snap([session("a", 1, [c1, c2])]), rules(BB0))
     highs = {a.target: a.new for a in acts if a.knob == "memory.high"}
     assert highs == {"s-a/c-1": 256 * M, "s-a/c-2": 65 * M}
 
 
 def test_call_near_its_mark_borrows_while_host_has_slack():
     c = call("a", 1, cur=60 * M, high=64 * M)
-    [a] = decide(snap([session("a", 1, [c])], budget=4 * G), rules("burst_borrow"))
+    [a] = decide(snap([session("a", 1, [c])], budget=4 * G), rules(BB0))
     assert (a.knob, a.old, a.new) == ("memory.high", 64 * M, 64 * M + 64 * M)
     assert a.reason.rule == "burst_borrow" and "host free" in a.reason.detail
 
 
 def test_breach_event_borrows_a_step_of_half_the_usage():
     c = call("a", 1, cur=1 * G, high=1 * G, ev=MemEvents(high=3))
-    [a] = decide(snap([session("a", 1, [c])], budget=8 * G), rules("burst_borrow"))
+    [a] = decide(snap([session("a", 1, [c])], budget=8 * G), rules(BB0))
     assert a.new == 1 * G + G // 2
 
 
 def test_no_slack_means_denied_finding_and_no_raise():
     c = call("a", 1, cur=900 * M, high=900 * M, ev=MemEvents(high=1))
-    d = plan(snap([session("a", 3, [c], agent_bytes=100 * M)], budget=1 * G), rules("burst_borrow"))
+    d = plan(snap([session("a", 3, [c], agent_bytes=100 * M)], budget=1 * G), rules(BB0))
     assert d.actions == ()
     assert [(f.kind, f.call, f.priority) for f in d.findings] == [("denied", "s-a/c-1", 3)]
 
@@ -133,7 +136,7 @@ def test_high_priority_is_served_first_from_little_slack():
     hi = call("hi", 1, cur=300 * M, high=300 * M, ev=MemEvents(high=1), started=2)
     sessions = [session("lo", 1, [lo]), session("hi", 9, [hi])]
     # 985M less 3% reserve = 955M; 800M used -> 155M free: hi takes its 150M step, lo finds 5M
-    d = plan(snap(sessions, budget=985 * M), rules({"name": "burst_borrow", "args": {"step_pct": 50.0}}))
+    d = plan(snap(sessions, budget=985 * M), rules({"name": "burst_borrow", "args": {"step_pct": 50.0, "share_pct": 0.0}}))
     raised = [a.target for a in d.actions]
     assert raised == ["s-hi/c-1"]
     assert [f.call for f in d.findings] == ["s-lo/c-1"]
@@ -141,7 +144,7 @@ def test_high_priority_is_served_first_from_little_slack():
 
 # ---------------------------------------------------------------- the ladder
 
-LADDER = [{"name": "burst_borrow"}, {"name": "throttle"},
+LADDER = [BB0, {"name": "throttle"},
           {"name": "reclaim", "args": {"escalate_after_ns": "50ms"}},
           {"name": "freeze", "args": {"escalate_after_ns": "200ms"}},
           {"name": "kill", "args": {"escalate_after_ns": "2s"}}]
@@ -300,14 +303,14 @@ def test_command_hint_gives_big_mark_to_test_runners_only():
 
 def test_no_action_when_value_already_set():
     c = call("a", 1, cur=1 * M, high=65 * M)
-    assert decide(snap([session("a", 1, [c])]), rules("burst_borrow")) == []
+    assert decide(snap([session("a", 1, [c])]), rules(BB0)) == []
 
 
 def test_crowded_host_keeps_the_rest_for_the_higher_priority_and_reports_pressure():
     lo = call("lo", 1, cur=400 * M, high=400 * M, ev=MemEvents(high=1), started=1)
     hi = call("hi", 1, cur=300 * M, high=300 * M, ev=MemEvents(high=1), started=2)
     sessions = [session("lo", 1, [lo], 50 * M), session("hi", 9, [hi], 50 * M)]  # 800M of 900M: > 85%
-    d = plan(snap(sessions, budget=900 * M), rules("burst_borrow"))
+    d = plan(snap(sessions, budget=900 * M), rules(BB0))
     assert [a.target for a in d.actions] == ["s-hi/c-1"]
     kinds = sorted((f.kind, f.priority) for f in d.findings)
     assert kinds == [("denied", 1), ("pressure", 9)]
@@ -315,4 +318,13 @@ def test_crowded_host_keeps_the_rest_for_the_higher_priority_and_reports_pressur
 
 def test_without_a_host_budget_calls_run_unmarked():
     c = call("a", 1, cur=10 * M)
-    assert decide(snap([session("a", 1, [c])], budget=None), rules("burst_borrow")) == []
+    assert decide(snap([session("a", 1, [c])], budget=None), rules(BB0)) == []
+
+
+def test_slack_share_makes_large_steps_while_the_host_is_empty():
+    c = call("a", 1, cur=60 * M, high=64 * M)
+    [a] = decide(snap([session("a", 1, [c])], budget=4 * G),
+                 rules({"name": "burst_borrow", "args": {"share_pct": 50.0}}))
+    # free = 4G less 3% reserve less 160M used less 4M unused headroom; half of it to the one call
+    free = int(4 * G * 0.97) - 160 * M - 4 * M
+    assert a.new == 64 * M + free // 2

@@ -117,6 +117,7 @@ class BurstBorrow(RuleBase):
     near_pct: float = 90.0
     reserve_pct: float = 3.0
     high_pct: float = 85.0
+    share_pct: float = 50.0
 
     def evaluate(self, ctx: Ctx) -> None:
         host = ctx.snap.host
@@ -145,8 +146,9 @@ class BurstBorrow(RuleBase):
             high = ctx.value(call.cg, "memory.high")
             intent = _call_intent(call, self.default_call_bytes)
             free = None if limit is None else limit - _committed(ctx)
+            share = max(0, free) * self.share_pct / 100 / max(1, len(order))
             if high is None:
-                want = max(intent, cur + self.step_min_bytes)
+                want = max(intent, cur + self.step_min_bytes, int(cur + share))
                 new = want if free is None else max(cur, min(want, cur + max(0, free)))
                 ctx.set(call.cg, "memory.high", new, Reason(
                     self.rule_name, f"new call, intent {fb(intent)}",
@@ -157,7 +159,7 @@ class BurstBorrow(RuleBase):
             near = high * self.near_pct / 100
             if not (call.cg.events_delta.high > 0 or cur >= near):
                 continue
-            step = max(self.step_min_bytes, int(cur * self.step_pct / 100))
+            step = max(self.step_min_bytes, int(cur * self.step_pct / 100), int(share))
             grant = step if free is None else min(step, free)
             if crowded and top is not None and sess.priority < top:
                 grant = 0  # reserved for the higher priority
