@@ -379,7 +379,7 @@ class ToolCall:
                     client.clone_into = False      # refused: place a waiting child instead
                     proc, w = self._waiting_child(argv, dict(popen_kwargs))
                 if w >= 0:   # the daemon must place it before it may exec
-                    client.request("call.started", session=sname, call=n, pid=proc.pid)
+                    started.append(client.request("call.started", session=sname, call=n, pid=proc.pid))
                 else:        # born inside: the reply is read with the next request
                     client.send("call.started", started.append, session=sname, call=n, pid=proc.pid)
             except BaseException:
@@ -413,6 +413,8 @@ class ToolCall:
         self.handle = CallHandle(self, proc, reply)
         self.handle.error = error
         self.handle.started = started
+        if w >= 0:
+            self.handle.placement = "pid"
         return self.handle
 
     def run(self, argv: Sequence[str], *, input: bytes | str | None = None, **popen_kwargs: Any) -> CallResult:

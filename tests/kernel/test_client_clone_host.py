@@ -1,0 +1,112 @@
+"""clone_into on this host's cgroup2 (no controllers needed): the child is
+born in its call cgroup, exit statuses pass through, a program that cannot
+be executed gives 127 and says why, and an unprivileged caller (whom the
+kernel refuses CLONE_INTO_CGROUP) falls back to the waiting child."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import require_cgroup2
+from agentcg.adapters.cgroupfs import detect_hierarchy
+from agentcg.client import Client
+from test_daemon_host import _as_nobody, gone_soon, start_daemon
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture
+def daemon(request):
+    yield from start_daemon(request, require_cgroup2())
+
+
+def _cgroup_line(text: str) -> str:
+    return [ln for ln in text.splitlines() if ln.startswith("0::")][0][3:]
+
+
+def test_clone_into_child_runs_its_first_instruction_in_the_call_cgroup(daemon, tmp_path):
+    mount = detect_hierarchy().cgroup2_mount
+    c = Client(daemon.socket, clone_into=True)
+    with c.session("clone") as s:
+        out = tmp_path / "cgroup.txt"
+        with open(out, "w") as f:
+            call = s.tool_call("cat")
+            h = call.popen(["cat", "/proc/self/cgroup"], stdout=f)
+            r = h.wait()
+        assert h.placement == "clone_into"
+        assert h.started and h.started[0]["ok"] and h.started[0]["placement"] == "clone_into"
+        # cat read its own cgroup: it was born there, never migrated
+        assert mount + _cgroup_line(out.read_text()) == str(daemon.root / "s-clone" / f"c-{r.call}")
+        assert r.exit_status == 0 and r.error is None and r.stats["wall_ns"] > 0
+        assert gone_soon(daemon.root / "s-clone" / f"c-{r.call}")
+        assert s.run(["sh", "-c", "exit 7"]).exit_status == 7
+        assert s.run(["sh", "-c", "kill -KILL $$"]).exit_status == 137
+        nxt = s.tool_call("sleep").popen(["sleep", "0.2"])
+        assert nxt.placement == "clone_into" and nxt.wait().exit_status == 0
+    events = [e for e in c.events() if e.get("session") == "clone" and e["type"] in ("call.start", "call.end")]
+    assert [e["type"] for e in events] == ["call.start", "call.end"] * 4
+    starts = [e for e in events if e["type"] == "call.start"]
+    assert all(e["placement"] == "clone_into" and e["pid"] > 0 for e in starts)
+
+
+def test_clone_into_missing_program_exits_127_with_a_clear_error(daemon, tmp_path):
+    c = Client(daemon.socket, clone_into=True)
+    with c.session("missing") as s:
+        err = tmp_path / "stderr.txt"
+        with open(err, "w") as f:
+            r = s.tool_call("nope").run(["/nonexistent/agentcg-prog", "x"], stderr=f)
+        assert r.exit_status == 127
+        assert r.error == "cannot execute /nonexistent/agentcg-prog: No such file or directory"
+        assert "agentcg: cannot execute /nonexistent/agentcg-prog" in err.read_text()
+        assert gone_soon(daemon.root / "s-missing" / f"c-{r.call}")
+        # a name not on PATH is refused before any call starts
+        with pytest.raises(FileNotFoundError):
+            s.tool_call("nope").popen(["agentcg-no-such-program"])
+        assert s.show()["running_calls"] == 0
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory uid 65534 can write (pytest's tmp_path is root's only)."""
+    d = Path(tempfile.mkdtemp(prefix="agentcg-clone-"))
+    os.chmod(d, 0o777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_unprivileged_caller_falls_back_to_the_waiting_child(daemon, shared_dir):
+    mount = detect_hierarchy().cgroup2_mount
+    tmp_path = shared_dir
+    report = tmp_path / "report.json"
+
+    def as_nobody() -> int:
+        # a forked copy of pytest: free the low fds, so that the waiting child is
+        # /bin/sh (this interpreter under /root is not executable for uid 65534)
+        os.closerange(3, 4096)
+        out = tmp_path / "cgroup.txt"
+        c = Client(daemon.socket, clone_into=True)
+        with c.session("nobody") as s:
+            with open(out, "w") as f:
+                h1 = s.tool_call("cat").popen(["cat", "/proc/self/cgroup"], stdout=f)
+                r1 = h1.wait()
+            first = _cgroup_line(out.read_text())
+            h2 = s.tool_call("exit").popen(["sh", "-c", "exit 5"])
+            r2 = h2.wait()
+            report.write_text(json.dumps({
+                "placement": [h1.placement, h2.placement], "clone_into": c.clone_into,
+                "status": [r1.exit_status, r2.exit_status], "cgroup": first, "call": r1.call,
+                "default": Client(daemon.socket).clone_into}))
+        return 0
+
+    assert _as_nobody(as_nobody) == 0
+    rep = json.loads(report.read_text())
+    # the kernel refused clone3 into root's tree: the client remembered and placed by pid
+    assert rep["clone_into"] is False and rep["default"] is False
+    assert rep["placement"] == ["pid", "pid"]
+    assert rep["status"] == [0, 5]
+    assert mount + rep["cgroup"] == str(daemon.root / "s-nobody" / f"c-{rep['call']}")
