@@ -51,7 +51,9 @@ class Limits:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # flat scalar fields: a plain copy (asdict's deep copy costs ~20x more, and
+        # the state file serialises every running call's limits at each change)
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Limits":
