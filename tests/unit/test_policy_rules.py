@@ -84,7 +84,7 @@ def test_default_preset_is_the_adaptive_ladder():
 
 def test_psi_trigger_event_is_pressure_with_measured_and_threshold():
     s = session("a", 5, psi=Psi(some_total_us=0), trig=[TriggerEvent("some", 38_000, 500_000)])
-    d = plan(snap([s]), rules({"name": "psi_pressure", "args": {"stall_threshold_us": 10000}}))
+    d = plan(snap([s], budget=None), rules({"name": "psi_pressure", "args": {"stall_threshold_us": 10000}}))
     assert len(d.findings) == 1
     f = d.findings[0]
     assert (f.session, f.measured, f.threshold, f.priority) == ("a", "38ms/500ms", "10ms", 5)
@@ -93,11 +93,11 @@ def test_psi_trigger_event_is_pressure_with_measured_and_threshold():
 def test_psi_total_growth_between_ticks_is_pressure_and_quiet_is_not():
     rs = rules("psi_pressure")
     s0 = session("a", 1, psi=Psi(some_total_us=1_000_000))
-    st = plan(snap([s0], now=10**12), rs).state
+    st = plan(snap([s0], now=10**12, budget=None), rs).state
     quiet = session("a", 1, psi=Psi(some_total_us=1_002_000))  # 2 ms stall in 100 ms
-    assert plan(snap([quiet], now=10**12 + 100 * MS, state=st), rs).findings == ()
+    assert plan(snap([quiet], now=10**12 + 100 * MS, state=st, budget=None), rs).findings == ()
     busy = session("a", 1, psi=Psi(some_total_us=1_050_000))  # 50 ms stall in 100 ms
-    f = plan(snap([busy], now=10**12 + 100 * MS, state=st), rs).findings
+    f = plan(snap([busy], now=10**12 + 100 * MS, state=st, budget=None), rs).findings
     assert [x.measured for x in f] == ["50ms/500ms"]
 
 
@@ -328,3 +328,9 @@ def test_slack_share_makes_large_steps_while_the_host_is_empty():
     # free = 4G less 3% reserve less 160M used less 4M unused headroom; half of it to the one call
     free = int(4 * G * 0.97) - 160 * M - 4 * M
     assert a.new == 64 * M + free // 2
+
+
+def test_psi_stall_while_the_host_has_room_is_not_pressure():
+    s = session("a", 5, trig=[TriggerEvent("some", 38_000, 500_000)])
+    assert plan(snap([s], budget=8 * G), rules("psi_pressure")).findings == ()
+    assert len(plan(snap([s], budget=8 * G, usage=7 * G), rules("psi_pressure")).findings) == 1

@@ -28,13 +28,16 @@ class PsiPressure(RuleBase):
     """Memory pressure from PSI: a session (or the host) stalled for more than
     stall_threshold_us within window_us, seen either as a fired PSI trigger
     (the kernel's own check) or from the growth of the stall total since the
-    previous tick. scope: "sessions", "host" or "both".
+    previous tick. scope: "sessions", "host" or "both". Ignored while host
+    usage is below min_host_pct of a known budget (a call stalled at its own
+    mark then just borrows).
     {name = "psi_pressure", args = {kind = "some", stall_threshold_us = 10000, window_us = 500000}}"""
 
     kind: str = "some"
     stall_threshold_us: int = 10_000
     window_us: int = 500_000
     scope: str = "sessions"
+    min_host_pct: float = 80.0
 
     def check(self) -> str | None:
         if self.kind not in ("some", "full"):
@@ -61,6 +64,11 @@ class PsiPressure(RuleBase):
         return measured
 
     def evaluate(self, ctx: Ctx) -> None:
+        host = ctx.snap.host
+        if host.budget_bytes is not None and host.usage_bytes < host.budget_bytes * self.min_host_pct / 100:
+            # stall while the host has room comes from a call's own mark, which
+            # borrowing lifts; it is not pressure between sessions
+            return
         targets: list[tuple[CgroupView, SessionView | None]] = []
         if self.scope in ("sessions", "both"):
             targets += [(s.cg, s) for s in ctx.snap.sessions]
