@@ -42,6 +42,9 @@ class GatherPlan:
     the output is exactly this chunk's list, local block ids). m = total."""
     parts: list[tuple[int, torch.Tensor | None, torch.Tensor]]
     m: int
+    # per part: (first output position, first local block, count) where both
+    # are consecutive ranges (then a slice copy replaces the indexed one), else None
+    spans: list[tuple[int, int, int] | None] = field(default_factory=list)
 
 
 @dataclass
@@ -122,6 +125,7 @@ class KVPool:
         # queueing the whole swap (bench/kv_swap_diag.py), and it would hold the
         # host back from issuing compute that overlaps a swap-in: off by default.
         self.pace_depth = 0
+        self._link_last = None          # last event recorded on the link stream by a swap
 
     # ---------------------------------------------------------------- chunks
     def alloc_chunk(self, c: int) -> None:
@@ -143,8 +147,24 @@ class KVPool:
         return sum(self.chunk_bytes for t in self.chunks if t is not None)
 
     # ----------------------------------------------------------------- plans
-    def _idx(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+    def upload(self, values: list[int]) -> torch.Tensor:
+        """Index list -> int64 tensor on the device, without holding the host.
+
+        torch.tensor(values, device=cuda) copies from pageable memory and
+        waits for that copy; while a swap-in keeps the host->device copy
+        engine busy, the wait lasts until the swap has landed and serialises
+        the next step's launch behind it. Here the values go through pinned
+        memory in an asynchronous copy on the current stream (the caching
+        host allocator keeps the pinned block until that copy is done)."""
+        if not self.cuda:
+            return torch.tensor(values, dtype=torch.long)
+        if self._link_last is None or self._link_last.query():
+            # link idle: the plain copy is cheaper on the host (decode steps)
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+        host = torch.tensor(values, dtype=torch.long).pin_memory()
+        return host.to(self.device, non_blocking=True)
+
+    _idx = upload
 
     def write_plan(self, slots: list[int]) -> WritePlan:
         """slots[i] = global slot (block * bs + offset) of new token i."""
@@ -171,9 +191,13 @@ class KVPool:
             pos.append(i)
             loc.append(lb)
         parts = []
+        spans = []
         for c, (pos, loc) in by_chunk.items():
             parts.append((c, None if len(by_chunk) == 1 else self._idx(pos), self._idx(loc)))
-        return GatherPlan(parts, len(blocks))
+            n = len(pos)
+            spans.append((pos[0], loc[0], n) if pos[-1] - pos[0] == n - 1 and loc[-1] - loc[0] == n - 1
+                         and all(loc[i + 1] == loc[i] + 1 for i in range(n - 1)) else None)
+        return GatherPlan(parts, len(blocks), spans)
 
     # ------------------------------------------------------------ attention
     def write(self, layer: int, plan: WritePlan, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -189,8 +213,12 @@ class KVPool:
             c, _, loc = plan.parts[0]
             return self.chunks[c][layer].index_select(0, loc)
         out = torch.empty(plan.m, 2, self.bs, self.H, self.D, dtype=self.dtype, device=self.device)
-        for c, pos, loc in plan.parts:
-            out.index_copy_(0, pos, self.chunks[c][layer].index_select(0, loc))
+        for (c, pos, loc), span in zip(plan.parts, plan.spans):
+            if span is not None:                  # consecutive blocks: one slice copy
+                p0, l0, n = span
+                out[p0:p0 + n].copy_(self.chunks[c][layer, l0:l0 + n])
+            else:
+                out.index_copy_(0, pos, self.chunks[c][layer].index_select(0, loc))
         return out
 
     def move_blocks(self, pairs: list[tuple[int, int]]) -> None:
@@ -236,13 +264,23 @@ class KVPool:
     def _piece_plans(self, pieces: list[Piece], blocks: list[int]) -> list[GatherPlan]:
         """Index tensors of every piece, made before any copy is issued: making
         them later, inside the copy streams, would stall the host on those streams."""
-        return [self.gather_plan(blocks[p.first_index + p.a:p.first_index + p.b]) for p in pieces]
+        memo: dict[tuple[int, int], GatherPlan] = {}       # the layer slices of one block range share it
+        out = []
+        for p in pieces:
+            key = (p.first_index + p.a, p.first_index + p.b)
+            if key not in memo:
+                memo[key] = self.gather_plan(blocks[key[0]:key[1]])
+            out.append(memo[key])
+        return out
 
     def _gather_piece(self, p: Piece, plan: GatherPlan, out: torch.Tensor) -> list[torch.Tensor]:
         keep = []
-        for c, pos, loc in plan.parts:
+        for (c, pos, loc), span in zip(plan.parts, plan.spans):
             src = self.chunks[c][p.l0:p.l1]                         # [nl, cb, 2, bs, H, D]
-            if pos is None:
+            if span is not None:                   # consecutive blocks: one slice copy
+                p0, l0, n = span
+                out[:, p0:p0 + n].copy_(src[:, l0:l0 + n])
+            elif pos is None:
                 torch.index_select(src, 1, loc, out=out)
             else:
                 out.index_copy_(1, pos, src.index_select(1, loc))
@@ -252,8 +290,12 @@ class KVPool:
 
     def _scatter_piece(self, p: Piece, plan: GatherPlan, src: torch.Tensor) -> list[torch.Tensor]:
         keep = []
-        for c, pos, loc in plan.parts:
+        for (c, pos, loc), span in zip(plan.parts, plan.spans):
             dst = self.chunks[c][p.l0:p.l1]
+            if span is not None:                   # consecutive blocks: one slice copy
+                p0, l0, n = span
+                dst[:, l0:l0 + n].copy_(src[:, p0:p0 + n])
+                continue
             dst.index_copy_(1, loc, src if pos is None else src.index_select(1, pos))
             keep.append(loc)
             if pos is not None:
@@ -303,6 +345,7 @@ class KVPool:
                 links.append(ev)
         compute.wait_event(gathered)           # freed blocks are rewritten only after the last gather
         done.record(self.link_stream)
+        self._link_last = done
         return SwapHandle(owner, "out", nbytes, [], done, start, keep)
 
     def swap_in(self, owner: str, gpu_blocks: list[int], runs: list[tuple[int, int, int]]) -> SwapHandle:
@@ -359,6 +402,7 @@ class KVPool:
         all_in.record(self.dev_stream)
         self.link_stream.wait_event(all_in)
         done.record(self.link_stream)
+        self._link_last = done
         return SwapHandle(owner, "in", nbytes, layer_ready, done, start, keep)
 
     # --------------------------------------------------------- measurements

@@ -78,12 +78,12 @@ def build_batch(items: list[tuple[object, int, list[int]]], kv: KVPool,
             used = table[:-(-(items[i][0].num_computed + 1) // bs)]
             flat.extend(used + [used[0]] * (nb - len(used)))
         decode_gather = kv.gather_plan(flat)
-        lens = torch.tensor(ctx, device=dev)
+        lens = kv.upload(ctx)
         decode_mask = (torch.arange(nb * bs, device=dev).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
     batch = StepBatch(kv.write_plan(slots), len(dec), decode_gather, decode_mask, spans,
-                      torch.tensor(logits_idx, dtype=torch.long, device=dev), max(pos), waits)
-    return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
-            batch, sampled)
+                      kv.upload(logits_idx), max(pos), waits)
+    # kv.upload: no wait on the copy engine, which an in-flight swap-in may hold
+    return kv.upload(ids), kv.upload(pos), batch, sampled
 
 
 def sample(logits: torch.Tensor, temperatures: list[float], gen: torch.Generator) -> list[int]:
