@@ -7,7 +7,11 @@ A hook is any object with some of these methods (all optional):
     on_session_end(session, cgroup_path)               before the session cgroup is removed
     on_call_start(session, call, cgroup_path)          after the tool call's pid is placed in
                                                        its cgroup and before the client is told
-                                                       to exec (the tool has not run yet)
+                                                       to exec (the tool has not run yet); for
+                                                       a call born in its cgroup (clone_into)
+                                                       right after the call.started reply, the
+                                                       tool already running, and always before
+                                                       on_call_end
     on_call_end(session, call, cgroup_path) -> dict    after the call's processes are gone and
                                                        before its cgroup is removed; the dict is
                                                        merged into the call's stats ("extra")
