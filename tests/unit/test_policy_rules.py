@@ -275,6 +275,18 @@ def test_call_cap_sets_call_max_and_kills_a_call_alone_over_the_cap():
     assert "exceeds the 1G memory cap of session a" in acts[0].feedback
 
 
+def test_call_cap_never_loosens_a_calls_own_declared_memory_max():
+    # The call declared memory_max=64M inside a 1G session: the session-derived
+    # mark (1G - agent - margin) must not replace it, and the rule leaves the
+    # kill to the kernel at the call's own cap.
+    c = CallView("a", "c-1", cg("s-a/c-1", cur=60 * M, mx=64 * M), intent_memory_max_bytes=64 * M)
+    s = session("a", 1, [c], agent_bytes=200 * M, mx=1 * G)
+    assert decide(snap([s], budget=None), rules("call_cap")) == []
+    loose = CallView("a", "c-1", cg("s-a/c-1", cur=60 * M, mx=1 * G), intent_memory_max_bytes=64 * M)
+    acts = decide(snap([session("a", 1, [loose], agent_bytes=200 * M, mx=1 * G)], budget=None), rules("call_cap"))
+    assert [(a.kind, a.knob, a.new) for a in acts] == [("set", "memory.max", 64 * M)]
+
+
 def test_cpu_classes_and_blocking_boost():
     lat = CallView("a", "c-1", cg("s-a/c-1"), cpu_class="latency", blocking=False)
     bat = CallView("a", "c-2", cg("s-a/c-2"), cpu_class="batch", blocking=True)

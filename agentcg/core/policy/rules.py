@@ -207,6 +207,16 @@ class CallCap(RuleBase):
             agent_bytes = sess.agent.memory_current_bytes if sess.agent else 0
             call_max = max(self.margin_bytes, cap - agent_bytes - self.margin_bytes)
             for call in sess.calls:
+                own = call.intent_memory_max_bytes
+                if own is not None and own < call_max:
+                    # The call declared a tighter hard cap of its own: the
+                    # kernel enforces it (and the daemon reports an OOM kill);
+                    # this rule only keeps it from being loosened.
+                    cur_max = ctx.value(call.cg, "memory.max")
+                    if cur_max is not None and cur_max > own:
+                        ctx.set(call.cg, "memory.max", own, Reason(
+                            self.rule_name, fb(cur_max), f"declared memory_max {fb(own)}"), sess.name)
+                    continue
                 cur = call.cg.memory_current_bytes
                 mark = int(call_max * self.kill_pct / 100)
                 if cur >= mark and (call.cg.events_delta.high or call.cg.events_delta.max
