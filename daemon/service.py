@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -105,11 +104,8 @@ class Daemon:
         self.lingering: set[str] = set()        # kept call cgroups waiting for their stragglers
         # session -> [(n, future)] of empty c-<n> made ahead (future: True once made)
         self.spares: dict[str, list[tuple[int, Any]]] = {}
-        self._bg: ThreadPoolExecutor | None = None   # mkdir/rmdir/state writes off the loop
+        self._bg: ThreadPoolExecutor | None = None   # spare mkdir and ended rmdir off the loop
         self._starting: dict[tuple[str, int], str] = {}  # clone_into calls whose hooks run after the reply
-        self._save_lock = threading.Lock()
-        self._save_seq = 0
-        self._saved_seq = 0
         self._log_f = None
 
     # -- work after the reply ------------------------------------------------
@@ -212,25 +208,13 @@ class Daemon:
 
     # -- persistence & events ----------------------------------------------
     def save(self) -> None:
-        """Persist the state now (before a reply that depends on it). /run is
-        tmpfs: a rename there costs tens of microseconds."""
-        self._save_seq += 1
-        self._write_state(self._save_seq, state_json(str(self.cgfs.root), self.sessions))
-
-    def save_later(self) -> None:
-        """Persist the state as it is now, written by the worker thread."""
-        self._save_seq += 1
-        self.background(self._write_state, self._save_seq, state_json(str(self.cgfs.root), self.sessions))
-
-    def _write_state(self, seq: int, text: str) -> None:
-        with self._save_lock:      # never let an older snapshot overwrite a newer one
-            if seq < self._saved_seq:
-                return
-            try:
-                write_atomic(self.cfg.state_file, text)
-                self._saved_seq = seq
-            except OSError as exc:
-                log.error("cannot write state file %s: %s", self.cfg.state_file, exc)
+        """Persist the state before a reply goes out, so that a crash right
+        after it cannot lose a started call. /run is tmpfs: a rename there
+        costs tens of microseconds."""
+        try:
+            write_atomic(self.cfg.state_file, state_json(str(self.cgfs.root), self.sessions))
+        except OSError as exc:
+            log.error("cannot write state file %s: %s", self.cfg.state_file, exc)
 
     def emit(self, event: dict[str, Any]) -> None:
         event = {"time": time.time(), **event}
@@ -487,10 +471,9 @@ class Daemon:
             self.cgfs.remove(c.rel)
             raise p.ProtocolError(p.E_CGROUP, f"cannot set up {c.rel}: {exc}") from None
         s.calls[n] = c
-        # the state file is written after the reply: a crash in between leaves a
-        # call cgroup without a record, which restore adopts (limits read back
-        # from its files) when a process is inside and removes when empty
-        self.later(self.save_later)
+        # written before the reply: restore must tell a started call from an
+        # empty spare even if the tool ran and exited while the daemon was down
+        self.save()
         self.later(self.refill_spares, s.name)
         reply = {"call": n, "cgroup": str(self.cgfs.path(c.rel)), "limits": limits.to_dict(),
                  "adjustments": [a.to_dict() for a in adjustments], "skipped_files": res["skipped"]}

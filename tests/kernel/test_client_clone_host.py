@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -110,3 +111,22 @@ def test_unprivileged_caller_falls_back_to_the_waiting_child(daemon, shared_dir)
     assert rep["placement"] == ["pid", "pid"]
     assert rep["status"] == [0, 5]
     assert mount + rep["cgroup"] == str(daemon.root / "s-nobody" / f"c-{rep['call']}")
+
+
+def test_call_that_ran_while_the_daemon_was_down_is_accounted_not_taken_for_a_spare(daemon):
+    c = Client(daemon.socket, clone_into=True)
+    s = c.session("down")
+    h = s.tool_call("exit").popen(["sh", "-c", "exit 4"])
+    daemon.stop(signal.SIGKILL)                 # right after call.start's reply
+    assert h.proc.wait_exited(10)               # the tool ends while no daemon runs
+    daemon.start()
+    r = h.wait()
+    assert r.exit_status == 4 and r.call == h.number
+    log = [json.loads(x) for x in (daemon.runtime / "events.jsonl").read_text().splitlines()]
+    ends = [e for e in log if e["type"] == "call.end" and e["session"] == "down"]
+    assert [e["call"] for e in ends] == [h.number]
+    # the spare made ahead before the crash is gone, not adopted as a call
+    assert s.show()["running_calls"] == 0
+    assert s.run(["true"]).call == h.number + 1
+    s.end()
+    assert not (daemon.root / "s-down").exists()
