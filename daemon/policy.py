@@ -72,6 +72,10 @@ class PolicyLoop:
         self.wake_in_ns: int | None = None
         self._pending: dict[str, list[TriggerEvent]] = {}
         self.failed: set[tuple[str, str]] = set()  # files this kernel refuses: not retried
+        # Set by run(): call start/end only kick the loop, which ticks once for
+        # any number of kicks, instead of a full snapshot and tick inline on
+        # the tool call's start and end path (about 2 ms per call).
+        self._kick: asyncio.Event | None = None
         self.watch.watch_file("", cgfs.path(""), "memory.events")
 
     # -- hook surface
@@ -91,16 +95,13 @@ class PolicyLoop:
     def on_call_start(self, session, call, path) -> None:
         self.sessions[session.name] = session
         self.watch.watch_file(call.rel, path, "memory.events")
-        self.tick([])  # initial marks before the tool runs
+        self._tick_soon()  # initial marks for the new call
 
     def on_call_end(self, session, call, path) -> dict:
         self.watch.unwatch(call.rel)
         self.failed = {f for f in self.failed if f[0] != call.rel}
         self.prev_events.pop(call.rel, None)
-        try:
-            self.tick([])  # memory is being given back: pressure may be gone
-        except Exception:
-            log.exception("policy tick at call end failed")
+        self._tick_soon()  # memory is being given back: pressure may be gone
         notes = self.call_notes.pop(call.rel, [])
         if not notes:
             return {}
@@ -114,12 +115,38 @@ class PolicyLoop:
                 "frozen": list(self.state.frozen), "ticks": self.ticks,
                 "last_actions": [a.to_dict() for a in self.last]}
 
+    def _tick_soon(self) -> None:
+        if self._kick is None:  # no loop running (tests, dry runs): tick now
+            try:
+                self.tick([])
+            except Exception:
+                log.exception("policy tick failed")
+        else:
+            self._kick.set()
+
+    async def _wait(self, timeout_s: float) -> list:
+        """Kernel signals, or a kick from a call's start or end, or the timeout."""
+        if self._kick.is_set():
+            self._kick.clear()
+            return self.watch.drain(0)
+        kick = asyncio.ensure_future(self._kick.wait())
+        sigs = asyncio.ensure_future(self.watch.wait(timeout_s))
+        try:
+            await asyncio.wait({kick, sigs}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (kick, sigs):
+                if not t.done():
+                    t.cancel()
+        self._kick.clear()
+        return sigs.result() if sigs.done() and not sigs.cancelled() else self.watch.drain(0)
+
     async def run(self, daemon) -> None:
         self.daemon = daemon
+        self._kick = asyncio.Event()
         while True:
             timeout = IDLE_TICK_S if self.wake_in_ns is None else min(IDLE_TICK_S, max(0.001, self.wake_in_ns / 1e9))
             try:
-                signals = await self.watch.wait(timeout)
+                signals = await self._wait(timeout)
                 self.tick(signals)
             except asyncio.CancelledError:
                 raise
