@@ -163,9 +163,13 @@ def test_ladder_climbs_one_step_at_a_time_in_order():
     d1 = plan(_pressure_world(PolicyState(), t0), rs)
     assert d1.state.level == 1
     assert {a.kind for a in d1.actions} == {"set"}
+    # hi borrows what lo holds (the host is at its reserve mark: pressure, not a denial)
+    assert [(a.target, a.new) for a in d1.actions if a.target == "s-hi/c-1"] == [("s-hi/c-1", 600 * M)]
+    assert [(f.kind, f.priority) for f in d1.findings] == [("pressure", 9)]
     # throttle: lo's unused borrowed headroom is taken back, nothing frozen, nothing killed
-    assert [(a.target, a.new) for a in d1.actions] == [("s-lo/c-1", 400 * M + 8 * M)]
-    assert d1.actions[0].reason.detail == "borrowed headroom returned"
+    lo_acts = [a for a in d1.actions if a.target.startswith("s-lo")]
+    assert [(a.target, a.new) for a in lo_acts] == [("s-lo/c-1", 400 * M + 8 * M)]
+    assert lo_acts[0].reason.detail == "borrowed headroom returned"
 
     d2 = plan(_pressure_world(d1.state, t0 + 20 * MS), rs)
     assert d2.state.level == 1  # reclaim waits 50 ms
@@ -325,7 +329,9 @@ def test_crowded_host_keeps_the_rest_for_the_higher_priority_and_reports_pressur
     d = plan(snap(sessions, budget=900 * M), rules(BB0))
     assert [a.target for a in d.actions] == ["s-hi/c-1"]
     kinds = sorted((f.kind, f.priority) for f in d.findings)
-    assert kinds == [("denied", 1), ("pressure", 9)]
+    # hi's step (150M) is more than the free budget (73M): it borrows from lo, which the
+    # ladder is told about; lo cannot borrow what is promised to hi
+    assert kinds == [("borrow", 9), ("denied", 1)]
 
 
 def test_without_a_host_budget_calls_run_unmarked():
@@ -346,3 +352,138 @@ def test_psi_stall_while_the_host_has_room_is_not_pressure():
     s = session("a", 5, trig=[TriggerEvent("some", 38_000, 500_000)])
     assert plan(snap([s], budget=8 * G), rules("psi_pressure")).findings == ()
     assert len(plan(snap([s], budget=8 * G, usage=7 * G), rules("psi_pressure")).findings) == 1
+
+
+# ---------------------------------------------------------------- priorities borrow from lower ones
+
+def _crowded_world(state=None, now=10**12, lo_frozen=False, hi_high=64 * M, hi_cur=60 * M, lo_high=800 * M):
+    """2G budget, host at ~93%: hi's call is near its mark, lo (priority 1) holds ~40% of the
+    budget, 720M of it in a tool call (with unused headroom above it)."""
+    hi = call("hi", 1, cur=hi_cur, high=hi_high, started=5)
+    lo = call("lo", 1, cur=720 * M, high=lo_high, started=1, frozen=lo_frozen)
+    sessions = [session("hi", 8, [hi], agent_bytes=1025 * M + 60 * M - hi_cur), session("lo", 1, [lo])]
+    return snap(sessions, budget=2 * G, now=now, state=state)
+
+
+def test_high_call_borrows_what_lower_priorities_hold_on_a_crowded_host():
+    s = _crowded_world()
+    assert s.host.usage_bytes / s.host.budget_bytes > 0.92
+    d = plan(s, rules("burst_borrow"))
+    hi = [a for a in d.actions if a.target == "s-hi/c-1"]
+    assert len(hi) == 1 and hi[0].knob == "memory.high" and hi[0].new > 64 * M + 128 * M, d.actions
+    assert "available to priority 8" in hi[0].reason.detail
+    # the free budget cannot back that step: the ladder is told, at hi's priority, that lo must give
+    # (lo, near its own mark, cannot borrow what is now promised to hi)
+    assert sorted((f.kind, f.priority, f.call) for f in d.findings) == [("borrow", 8, "s-hi/c-1"),
+                                                                         ("denied", 1, "s-lo/c-1")]
+    assert not any(a.target.startswith("s-lo") and a.new is not None and a.new > 800 * M for a in d.actions)
+
+
+def test_lower_priority_cannot_borrow_what_is_promised_to_a_higher_one():
+    # hi holds a 300M promise it has not used; lo asks for more on a host with 93M free
+    hi = call("hi", 1, cur=100 * M, high=400 * M, started=5)
+    lo = call("lo", 1, cur=300 * M, high=300 * M, ev=MemEvents(high=1), started=1)
+    d = plan(snap([session("hi", 8, [hi], agent_bytes=250 * M), session("lo", 1, [lo], agent_bytes=250 * M)],
+                  budget=1 * G), rules("burst_borrow"))
+    assert d.actions == ()
+    assert [(f.kind, f.call) for f in d.findings] == [("denied", "s-lo/c-1")]
+
+
+def test_reclaimable_memory_stops_at_the_lower_sessions_protected_floor():
+    from agentcg.core.policy.context import Ctx
+    from agentcg.core.policy.rules import _reclaimable
+    lo_call = call("lo", 1, cur=500 * M, high=500 * M)
+    plain = session("lo", 1, [lo_call], agent_bytes=100 * M)
+    ctx = Ctx(snap([plain]), PolicyState())
+    assert _reclaimable(ctx, plain) == 500 * M  # the agent's own 100M is never counted
+    guarded = SessionView("lo", cg("s-lo", 600 * M, low=400 * M), 1, cg("s-lo/agent", 100 * M), (lo_call,))
+    assert _reclaimable(ctx, guarded) == 200 * M  # memory.low 400M protects the rest
+    declared = CallView("lo", "c-1", cg("s-lo/c-1", 500 * M, 500 * M), intent_memory_bytes=450 * M)
+    assert _reclaimable(ctx, SessionView("lo", cg("s-lo", 600 * M), 1, cg("s-lo/agent", 100 * M),
+                                         (declared,))) == 50 * M
+
+
+def test_highest_priority_new_call_starts_at_its_intent_on_a_full_host():
+    # 800M of 1G used, another hi call holds a 200M promise: the accounting has nothing left,
+    # the budget physically has 224M: the new hi call still starts at its 64M default
+    a = call("hi", 1, cur=100 * M, high=300 * M, started=1)
+    b = call("hi", 2, cur=1 * M, started=2)
+    lo_s = session("lo", 1, [], agent_bytes=599 * M)
+    d = plan(snap([session("hi", 8, [a, b]), lo_s], budget=1 * G), rules("burst_borrow"))
+    assert [(x.target, x.new) for x in d.actions] == [("s-hi/c-2", 64 * M)]
+    # a lower priority's new call in the same world gets no more than the budget backs
+    c = call("lo", 1, cur=1 * M, started=3)
+    lo2 = session("lo", 1, [c], agent_bytes=598 * M)
+    d2 = plan(snap([session("hi", 8, [a]), lo2], budget=1 * G), rules("burst_borrow"))
+    assert [(x.target, x.new) for x in d2.actions] == [("s-lo/c-1", 1 * M)]
+
+
+def test_sustained_borrowing_throttles_reclaims_freezes_the_lower_priority_never_the_higher():
+    rs = load_ruleset({"rules": [{"name": "burst_borrow"}, {"name": "throttle"},
+                                 {"name": "reclaim", "args": {"escalate_after_ns": "20ms"}},
+                                 {"name": "freeze", "args": {"escalate_after_ns": "50ms"}},
+                                 {"name": "kill", "args": {"escalate_after_ns": "2s"}}],
+                       "ladder": {"calm_hold_ns": "300ms"}})
+    t0 = 10**12
+    st = PolicyState()
+    hi_high, lo_frozen = 64 * M, False
+    seen: list = []
+    lo_high = 800 * M
+    for dt_ms in (0, 10, 30, 60, 100, 1000, 2500, 4000):
+        s = _crowded_world(st, t0 + dt_ms * MS, lo_frozen=lo_frozen, hi_high=hi_high, hi_cur=hi_high - 4 * M,
+                           lo_high=lo_high)
+        d = plan(s, rs)
+        st = d.state
+        seen += list(d.actions)
+        for a in d.actions:
+            if a.target == "s-hi/c-1" and a.knob == "memory.high":
+                assert a.new > a.old, a.render()  # hi is only ever raised
+                hi_high = min(a.new, 120 * M)     # it keeps asking: the next tick finds it near its mark again
+            if a.target == "s-lo/c-1" and a.knob == "memory.high":
+                lo_high = a.new
+            if a.target == "s-lo/c-1" and a.kind == "freeze":
+                lo_frozen = True
+        assert all(a.reason.rule for a in d.actions)
+    on_lo = [(a.kind, a.knob) for a in seen if a.target == "s-lo/c-1"]
+    assert ("set", "memory.high") in on_lo and ("freeze", "cgroup.freeze") in on_lo
+    lows = [a.new for a in seen if a.target == "s-lo/c-1" and a.knob == "memory.high"]
+    assert lows[0] == 720 * M + 8 * M and lows[-1] == 648 * M  # throttle, then reclaim 10%
+    assert [a.new for a in seen if a.target == "s-hi" and a.knob == "memory.low"]  # hi protected
+    assert not any(a.target.startswith("s-hi") and a.kind in ("freeze", "kill") for a in seen)
+    # the host stayed below its reserve mark and hi got what it asked: no kill
+    assert not any(a.kind == "kill" for a in seen) and st.level >= 3
+
+
+def test_frozen_calls_thaw_when_agents_keep_the_host_above_the_thaw_mark():
+    # agents at rest hold 93% of the budget; the pressure is gone; nothing higher asks
+    rs = load_ruleset({"rules": LADDER, "ladder": {"calm_hold_ns": "300ms"}})
+    t0 = 10**12
+    st = PolicyState(level=3, level_since_ns=t0, pressure_since_ns=t0, frozen=("s-lo/c-1",),
+                     frozen_since_ns=(("s-lo/c-1", t0),))
+    lo = call("lo", 1, cur=100 * M, high=90 * M, started=1, frozen=True)
+    hi = call("hi", 1, cur=10 * M, high=500 * M, started=2)
+    world = [session("hi", 9, [hi], agent_bytes=700 * M), session("lo", 1, [lo], agent_bytes=142 * M)]
+    d1 = plan(snap(world, budget=1 * G, now=t0 + 10 * MS, state=st), rs)
+    d2 = plan(snap(world, budget=1 * G, now=t0 + 320 * MS, state=d1.state), rs)
+    assert [a.target for a in d2.actions if a.kind == "thaw"] == ["s-lo/c-1"]
+    # while hi is at its mark, it stays frozen
+    hi_asking = call("hi", 1, cur=495 * M, high=500 * M, started=2)
+    busy = [session("hi", 9, [hi_asking], agent_bytes=215 * M), session("lo", 1, [lo], agent_bytes=142 * M)]
+    d3 = plan(snap(busy, budget=1 * G, now=t0 + 320 * MS, state=d1.state,
+                   usage=952 * M), load_ruleset({"rules": LADDER[1:], "ladder": {"calm_hold_ns": "300ms"}}))
+    assert not any(a.kind == "thaw" for a in d3.actions)
+
+
+def test_a_higher_priority_using_its_borrowed_headroom_is_pressure_before_it_reaches_its_mark():
+    # hi holds a 400M mark it has used 250M of; lo holds 500M; the host is 10M from its reserve mark
+    hi = call("hi", 1, cur=250 * M, high=400 * M, started=5)
+    lo = call("lo", 1, cur=500 * M, high=600 * M, started=1)
+    tight = snap([session("hi", 8, [hi], agent_bytes=50 * M), session("lo", 1, [lo], agent_bytes=183 * M)],
+                 budget=1 * G)
+    d = plan(tight, rules("burst_borrow"))
+    assert [(f.kind, f.priority) for f in d.findings] == [("borrow", 8)]
+    assert "promised 150M" in d.findings[0].measured
+    # with room on the host the same promise is no pressure
+    roomy = snap([session("hi", 8, [hi], agent_bytes=50 * M), session("lo", 1, [lo], agent_bytes=50 * M)],
+                 budget=1 * G)
+    assert plan(roomy, rules("burst_borrow")).findings == ()

@@ -91,15 +91,43 @@ def _call_intent(call: CallView, default_bytes: int) -> int:
     return call.intent_memory_bytes if call.intent_memory_bytes else default_bytes
 
 
-def _committed(ctx: Ctx) -> int:
-    """Host usage plus the headroom already promised: for every call, the part
-    of its memory.high it has not used yet."""
+def _headroom(ctx: Ctx, call: CallView) -> int:
+    """The part of a call's memory.high (as planned so far) it has not used yet."""
+    high = ctx.value(call.cg, "memory.high")
+    return 0 if high is None else max(0, high - call.cg.memory_current_bytes)
+
+
+def _committed(ctx: Ctx, min_priority: int | None = None) -> int:
+    """Host usage plus the headroom already promised to calls of priority
+    >= min_priority (all calls when None): the part of their memory.high they
+    have not used yet. Lower priorities' unused headroom is not a promise to a
+    higher priority: the ladder's throttle step takes it back."""
     used = ctx.snap.host.usage_bytes
-    for _s, c in ctx.snap.calls():
-        high = ctx.value(c.cg, "memory.high")
-        if high is not None:
-            used += max(0, high - c.cg.memory_current_bytes)
+    for s, c in ctx.snap.calls():
+        if min_priority is None or s.priority >= min_priority:
+            used += _headroom(ctx, c)
     return used
+
+
+def _reclaimable(ctx: Ctx, sess: SessionView) -> int:
+    """What the ladder can take back from a session's tool calls: what they
+    hold above their declared intents, and never below the session's protected
+    floor (its memory.low, its memory intent, its agent's own memory: the
+    ladder never touches the agent)."""
+    calls = sum(max(0, c.cg.memory_current_bytes - (c.intent_memory_bytes or 0))
+                for c in sess.calls if not ctx.killed_planned(c.path))
+    agent = sess.agent.memory_current_bytes if sess.agent else 0
+    floor = max(sess.cg.memory_low_bytes, sess.intent_memory_bytes or 0, agent)
+    return max(0, min(calls, sess.cg.memory_current_bytes - floor))
+
+
+def available_to(ctx: Ctx, priority: int, limit: int) -> int:
+    """Memory a call of `priority` may be promised: the free budget (less what
+    is already promised to its own and higher priorities) plus what lower
+    priorities hold above their protected floors, which the ladder reclaims,
+    freezes or, as the last resort, kills when the higher priority uses it."""
+    below = sum(_reclaimable(ctx, s) for s in ctx.snap.sessions if s.priority < priority)
+    return limit - _committed(ctx, priority) + below
 
 
 @register("burst_borrow")
@@ -108,15 +136,30 @@ class BurstBorrow(RuleBase):
     """Every tool call runs under a memory.high: its intent (or
     default_call_bytes). When it reaches near_pct of that mark (or the kernel
     reports a memory.high breach) it borrows more, step by step (the larger of
-    step_min_bytes and step_pct of its usage), as long as the host keeps
-    reserve_pct of its budget free; high-priority sessions are served first.
-    Once host usage passes high_pct of the budget while a call of a higher
-    priority still asks for more, lower priorities get nothing more and that
-    is reported as pressure (so the ladder acts before the host is full).
-    Under pressure the ladder's throttle step takes unused borrowing back.
-    A call that needs more and cannot get it is reported ("denied"), which
-    drives the ladder. Without a host budget (the root's memory.max is "max")
-    there is nothing to ration and calls run unmarked.
+    step_min_bytes, step_pct of its usage and share_pct of what is available
+    split over the calls), while the host keeps reserve_pct of its budget free;
+    higher priorities are served first.
+
+    What a call of priority p may borrow is the free budget, less what is
+    already promised to calls of priority >= p, PLUS what lower-priority
+    sessions hold above their protected floors (memory.low / intent, and the
+    agent's own memory, which is never taken): memory held by lower priorities
+    is headroom for higher ones. A call that has lower priorities below it
+    borrows in larger steps (priority_step_pct of what is available to it, up
+    to priority_step_max_bytes), because bursts of 1-2 GB within a second
+    happen. The calls of the highest priority present, when lower priorities
+    exist, never start below their intent (or default_call_bytes) while the
+    budget has that much left, however full the host is otherwise. Lower priorities cannot borrow what is promised to higher
+    ones, so they wait at their mark (a "denied" finding).
+
+    When such a call asks for more than the free budget can back (so the grant
+    draws on lower priorities' memory), or uses what it borrowed (the free
+    budget falls below half a step while it still holds unused headroom), that
+    is reported as pressure at its priority and the ladder takes the memory from the lower priorities:
+    kind "borrow" while the host is below its reserve mark (throttle, reclaim,
+    freeze), "pressure" once host usage reaches it (the kill step may act).
+    Without a host budget (the root's memory.max is "max") there is nothing to
+    ration and calls run unmarked.
     {name = "burst_borrow", args = {default_call_bytes = "64M", step_min_bytes = "64M", step_pct = 50.0, reserve_pct = 3.0}}"""
 
     default_call_bytes: int = 64 << 20
@@ -124,8 +167,13 @@ class BurstBorrow(RuleBase):
     step_pct: float = 50.0
     near_pct: float = 90.0
     reserve_pct: float = 3.0
-    high_pct: float = 85.0
     share_pct: float = 50.0
+    priority_step_pct: float = 25.0
+    priority_step_max_bytes: int = 1 << 30
+
+    def _asking(self, call: CallView, high: int | None) -> bool:
+        return high is not None and (call.cg.events_delta.high > 0
+                                     or call.cg.memory_current_bytes >= high * self.near_pct / 100)
 
     def evaluate(self, ctx: Ctx) -> None:
         host = ctx.snap.host
@@ -134,56 +182,90 @@ class BurstBorrow(RuleBase):
             return
         limit = int(budget * (100 - self.reserve_pct) / 100)
         order = sorted(ctx.snap.calls(), key=lambda sc: (-sc[0].priority, sc[1].started_ns, sc[1].path))
-        asking = [(s, c) for s, c in order if not c.cg.frozen and not ctx.killed_planned(c.path)
-                  and c.cg.memory_high_bytes is not None
-                  and (c.cg.events_delta.high > 0
-                       or c.cg.memory_current_bytes >= c.cg.memory_high_bytes * self.near_pct / 100)]
-        top = max((s.priority for s, _c in asking), default=None)
-        crowded = host.usage_bytes >= budget * self.high_pct / 100
-        if crowded and top is not None and any(s.priority < top for s in ctx.snap.sessions):
-            # the host is filling up while a higher-priority call still grows: keep the
-            # rest for it, and let the ladder act on the lower priorities
-            ctx.findings.append(Finding(
-                self.rule_name, f"host {fb(host.usage_bytes)}", f"{fb(int(budget * self.high_pct / 100))} "
-                f"({self.high_pct:g}% of {fb(budget)}) while priority {top} grows",
-                priority=top))
+        prios = [s.priority for s in ctx.snap.sessions]
+        lowest = min(prios, default=0)
+        highest = max(prios, default=0)
         for sess, call in order:
             if ctx.killed_planned(call.path) or call.cg.frozen:
                 continue
             cur = call.cg.memory_current_bytes
             high = ctx.value(call.cg, "memory.high")
             intent = _call_intent(call, self.default_call_bytes)
-            free = None if limit is None else limit - _committed(ctx)
-            share = max(0, free) * self.share_pct / 100 / max(1, len(order))
+            has_below = sess.priority > lowest
+            avail = available_to(ctx, sess.priority, limit)
+            share = max(0, avail) * self.share_pct / 100 / max(1, len(order))
+            big = 0
+            if has_below:
+                big = min(self.priority_step_max_bytes, int(max(0, avail) * self.priority_step_pct / 100))
             if high is None:
-                want = max(intent, cur + self.step_min_bytes, int(cur + share))
-                new = want if free is None else max(cur, min(want, cur + max(0, free)))
+                want = max(intent, cur + self.step_min_bytes, int(cur + share), cur + big)
+                new = max(cur, min(want, cur + max(0, avail)))
+                floor = ""
+                if has_below and sess.priority == highest:
+                    # its intent, within what the budget physically has left
+                    start = min(intent, cur + max(0, budget - host.usage_bytes))
+                    if new < start:
+                        new, floor = start, "; the highest priority present starts at its intent"
                 ctx.set(call.cg, "memory.high", new, Reason(
-                    self.rule_name, f"new call, intent {fb(intent)}",
-                    detail="" if free is None else f"host free {fb(max(0, free))}", op="", threshold=""),
-                    sess.name)
+                    self.rule_name, f"new call, intent {fb(intent)}", op="", threshold="",
+                    detail=f"host free {fb(max(0, limit - host.usage_bytes))}, available to priority "
+                           f"{sess.priority}: {fb(max(0, avail))}{floor}"), sess.name)
                 ctx.granted = True
                 continue
-            near = high * self.near_pct / 100
-            if not (call.cg.events_delta.high > 0 or cur >= near):
+            if not self._asking(call, high):
                 continue
-            step = max(self.step_min_bytes, int(cur * self.step_pct / 100), int(share))
-            grant = step if free is None else min(step, free)
-            if crowded and top is not None and sess.priority < top:
-                grant = 0  # reserved for the higher priority
+            near = high * self.near_pct / 100
+            step = max(self.step_min_bytes, int(cur * self.step_pct / 100), int(share), big)
+            grant = min(step, max(0, avail))
+            real_free = limit - host.usage_bytes
+            if has_below and real_free < step:
+                # the free budget cannot back this step: the rest comes from lower
+                # priorities, and the ladder has to take it from them
+                short = real_free <= 0
+                ctx.findings.append(Finding(
+                    self.rule_name, f"{call.path} at {fb(cur)} of {fb(high)} asks {fb(step)}",
+                    f"host free {fb(max(0, real_free))} (" + (f"usage at the reserve mark {fb(limit)})" if short
+                                                               else "lower priorities hold the rest)"),
+                    session=sess.name, call=call.path, priority=sess.priority,
+                    kind="pressure" if short else "borrow"))
             if grant * 4 < min(step, self.step_min_bytes):  # less than a quarter step left: denied
                 ctx.findings.append(Finding(
-                    self.rule_name, f"{call.path} at {fb(cur)} of {fb(high)}, host free {fb(max(0, free or 0))}",
+                    self.rule_name, f"{call.path} at {fb(cur)} of {fb(high)}, available {fb(max(0, avail))}",
                     f"{fb(step)} needed", session=sess.name, call=call.path, priority=sess.priority,
                     kind="denied"))
                 continue
             new = max(high, cur) + grant
             ctx.set(call.cg, "memory.high", new, Reason(
                 self.rule_name, f"{fb(cur)}", f"{fb(int(near))} ({self.near_pct:g}% of {fb(high)})",
-                op=">=", detail="" if free is None else f"host free {fb(free)}"), sess.name)
+                op=">=", detail=f"host free {fb(max(0, limit - host.usage_bytes))}, available to priority "
+                                f"{sess.priority}: {fb(avail)}"), sess.name)
             ctx.granted = True
+        self._using_borrowed(ctx, limit, lowest)
         if ctx.granted:
             ctx.update(last_grant_ns=ctx.now_ns)
+
+    def _using_borrowed(self, ctx: Ctx, limit: int, lowest: int) -> None:
+        """A higher priority is using what it borrowed: the free budget has
+        fallen below half a step while calls of that priority (or above)
+        still hold unused headroom, which only lower priorities can back now.
+        Reported at the highest such priority, unless a call of it already
+        reported this tick."""
+        host = ctx.snap.host
+        real_free = limit - host.usage_bytes
+        for prio in sorted({s.priority for s in ctx.snap.sessions if s.priority > lowest}, reverse=True):
+            promised = sum(_headroom(ctx, c) for s, c in ctx.snap.calls()
+                           if s.priority >= prio and not c.cg.frozen and not ctx.killed_planned(c.path))
+            if promised <= 0 or real_free >= min(promised, self.step_min_bytes // 2):
+                continue
+            if any(f.priority >= prio and f.kind in ("borrow", "pressure") for f in ctx.findings):
+                return
+            short = real_free <= 0
+            ctx.findings.append(Finding(
+                self.rule_name, f"priority {prio} promised {fb(promised)}",
+                f"host free {fb(max(0, real_free))} (" + (f"usage at the reserve mark {fb(limit)})" if short
+                                                           else "lower priorities hold the rest)"),
+                priority=prio, kind="pressure" if short else "borrow"))
+            return
 
 
 @register("call_cap")
@@ -350,12 +432,30 @@ class Freeze(RuleBase):
     """Ladder step 3: freeze (cgroup.freeze) the tool calls of lower-priority
     sessions while the pressure lasts. They keep their memory and state and
     resume where they stopped. Thawed once the pressure has been gone for the
-    ladder's calm_hold_ns and host usage is below thaw_below_pct of the budget.
-    {name = "freeze", args = {escalate_after_ns = "200ms", thaw_below_pct = 90.0}}"""
+    ladder's calm_hold_ns and host usage is below thaw_below_pct of the budget
+    (or below hold_above_pct while no higher-priority call asks for memory).
+    {name = "freeze", args = {escalate_after_ns = "200ms", thaw_below_pct = 90.0, hold_above_pct = 97.0}}"""
 
     step = 3
     escalate_after_ns: int = 200_000_000
     thaw_below_pct: float = 90.0
+    hold_above_pct: float = 97.0
+    near_pct: float = 90.0
+
+    def _higher_asking(self, ctx: Ctx) -> bool:
+        """A call of a priority above the lowest frozen one is at (near_pct of)
+        its memory.high or breached it."""
+        frozen = set(ctx.st("frozen"))
+        prios = [s.priority for s, c in ctx.snap.calls() if c.path in frozen]
+        if not prios:
+            return False
+        low = min(prios)
+        for s, c in ctx.snap.calls():
+            high = ctx.value(c.cg, "memory.high")
+            if s.priority > low and not c.cg.frozen and high is not None and (
+                    c.cg.events_delta.high > 0 or c.cg.memory_current_bytes >= high * self.near_pct / 100):
+                return True
+        return False
 
     def apply(self, ctx: Ctx) -> None:
         prio = ctx.pressured_priority()
@@ -370,10 +470,16 @@ class Freeze(RuleBase):
         ctx.update(frozen_since_ns=tuple(sorted(frozen.items())), frozen=tuple(sorted(frozen)))
 
     def undo(self, ctx: Ctx) -> bool:
-        """Thaw; False while the host is still too full (the ladder stays)."""
+        """Thaw; False while the host is still too full (the ladder stays).
+        Above thaw_below_pct of the budget the calls are still thawed when a
+        higher priority no longer asks for memory and usage is below
+        hold_above_pct: memory that agents hold at rest can keep a host above
+        any fixed mark, and a frozen call must not wait for it forever."""
         host = ctx.snap.host
-        if host.budget_bytes is not None and host.usage_bytes > host.budget_bytes * self.thaw_below_pct / 100:
-            return False
+        budget = host.budget_bytes
+        if budget is not None and host.usage_bytes > budget * self.thaw_below_pct / 100:
+            if host.usage_bytes >= budget * self.hold_above_pct / 100 or self._higher_asking(ctx):
+                return False
         by_path = {c.path: (s, c) for s, c in ctx.snap.calls()}
         reason = Reason(self.rule_name, "pressure gone", op="", threshold="",
                         detail="" if host.budget_bytes is None else
@@ -391,7 +497,9 @@ class Freeze(RuleBase):
 class Kill(RuleBase):
     """Ladder step 4, the last resort: kill one tool call (cgroup.kill), never
     a session or the agent's own processes. Taken when the pressure outlived
-    the freeze step by escalate_after_ns and there are lower-priority calls,
+    the freeze step by escalate_after_ns and there are lower-priority calls
+    (and a higher priority is actually short: denied, stalled, or the host at
+    its reserve mark; not while it was granted what it asked),
     when calls have waited for memory with no grant anywhere for deadlock_ns,
     or at once when host usage reaches oom_guard_pct of the budget (the
     kernel's OOM killer would otherwise pick a process itself). The victim is
@@ -409,6 +517,10 @@ class Kill(RuleBase):
         return host.budget_bytes is not None and host.usage_bytes >= host.budget_bytes * self.oom_guard_pct / 100
 
     def apply(self, ctx: Ctx, guard: bool = False) -> bool:
+        if not guard and ctx.findings and all(f.kind == "borrow" for f in ctx.findings):
+            # a higher priority was granted what it asked (from lower priorities'
+            # memory) and the host is below its reserve mark: nobody is short yet
+            return False
         prio = ctx.pressured_priority()
         host = ctx.snap.host
         frozen = set(ctx.st("frozen"))
