@@ -149,15 +149,17 @@ class BurstBorrow(RuleBase):
     to priority_step_max_bytes), because bursts of 1-2 GB within a second
     happen. The calls of the highest priority present, when lower priorities
     exist, never start below their intent (or default_call_bytes) while the
-    budget has that much left, however full the host is otherwise. Lower priorities cannot borrow what is promised to higher
-    ones, so they wait at their mark (a "denied" finding).
+    budget has that much left, however full the host is otherwise. Lower
+    priorities cannot borrow what is promised to higher ones, so they wait at
+    their mark (a "denied" finding).
 
     When such a call asks for more than the free budget can back (so the grant
     draws on lower priorities' memory), or uses what it borrowed (the free
     budget falls below half a step while it still holds unused headroom), that
-    is reported as pressure at its priority and the ladder takes the memory from the lower priorities:
-    kind "borrow" while the host is below its reserve mark (throttle, reclaim,
-    freeze), "pressure" once host usage reaches it (the kill step may act).
+    is reported as pressure at its priority and the ladder takes the memory
+    from the lower priorities: kind "borrow" while the host is below its
+    reserve mark (throttle, reclaim, freeze), "pressure" once host usage
+    reaches it (the kill step may act).
     Without a host budget (the root's memory.max is "max") there is nothing to
     ration and calls run unmarked.
     {name = "burst_borrow", args = {default_call_bytes = "64M", step_min_bytes = "64M", step_pct = 50.0, reserve_pct = 3.0}}"""
