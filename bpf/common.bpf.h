@@ -23,6 +23,21 @@
 #define READ(expr) ({ typeof(expr) __v; bpf_core_read(&__v, sizeof(__v), &(expr)); __v; })
 #endif
 
+/*
+ * The value under key in a hash map, inserted as *zero first if it is not
+ * there yet (BPF_NOEXIST: a racing insert on another CPU wins and is used).
+ * NULL only when the map is full.
+ */
+static __always_inline void *lookup_or_zero(void *map, const void *key, const void *zero)
+{
+	void *v = bpf_map_lookup_elem(map, key);
+
+	if (v)
+		return v;
+	bpf_map_update_elem(map, key, zero, BPF_NOEXIST);
+	return bpf_map_lookup_elem(map, key);
+}
+
 /* The cgroup v2 id (kernfs inode number) of a task's default-hierarchy cgroup. */
 static __always_inline __u64 task_cgroup_id(struct task_struct *t)
 {

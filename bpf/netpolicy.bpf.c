@@ -53,13 +53,9 @@ static __always_inline __u32 mode_of(__u64 cgid)
 
 static __always_inline struct agentcg_net_stats *stats_of(__u64 cgid)
 {
-	struct agentcg_net_stats *s = bpf_map_lookup_elem(&net_stats, &cgid);
-
-	if (s)
-		return s;
 	struct agentcg_net_stats zero = {};
-	bpf_map_update_elem(&net_stats, &cgid, &zero, BPF_NOEXIST);
-	return bpf_map_lookup_elem(&net_stats, &cgid);
+
+	return lookup_or_zero(&net_stats, &cgid, &zero);
 }
 
 static __always_inline int deny(__u64 cgid)

@@ -66,13 +66,9 @@ static __always_inline void count(__u32 idx)
 
 static __always_inline struct agentcg_cg_stats *stats_of(__u64 cgid)
 {
-	struct agentcg_cg_stats *s = bpf_map_lookup_elem(&cg_stats, &cgid);
-
-	if (s)
-		return s;
 	struct agentcg_cg_stats zero = {};
-	bpf_map_update_elem(&cg_stats, &cgid, &zero, BPF_NOEXIST);
-	return bpf_map_lookup_elem(&cg_stats, &cgid);
+
+	return lookup_or_zero(&cg_stats, &cgid, &zero);
 }
 
 static __always_inline struct agentcg_event *reserve(void)
@@ -264,63 +260,37 @@ static __always_inline int on_switch(struct task_struct *prev, struct task_struc
 	return 0;
 }
 
+/*
+ * One set of hooks, built twice from this file: as tp_btf programs with typed
+ * arguments (tracker.bpf.o, AGENTCG_DIRECT_READ) and as raw_tp programs where
+ * tp_btf is unavailable (tracker_raw.bpf.o). HOOK(name, tracepoint) gives the
+ * section "<kind>/<tracepoint>" and the program name "<kind>_<name>", which
+ * the loader and bench/bpf_tracker.py know.
+ */
 #ifdef AGENTCG_DIRECT_READ
-/* tp_btf: typed arguments (built as tracker.bpf.o). */
-SEC("tp_btf/sched_process_fork")
-int BPF_PROG(tp_btf_fork, struct task_struct *parent, struct task_struct *child)
-{ return on_fork(parent, child); }
-
-SEC("tp_btf/sched_process_exec")
-int BPF_PROG(tp_btf_exec, struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)
-{ return on_exec(p, bprm); }
-
-SEC("tp_btf/sched_process_exit")
-int BPF_PROG(tp_btf_exit, struct task_struct *p)
-{ return on_exit(p); }
-
-SEC("tp_btf/mark_victim")
-int BPF_PROG(tp_btf_oom, struct task_struct *p)
-{ return on_oom_victim(p); }
-
-SEC("tp_btf/sched_wakeup")
-int BPF_PROG(tp_btf_wakeup, struct task_struct *p)
-{ return runq_enqueued(p); }
-
-SEC("tp_btf/sched_wakeup_new")
-int BPF_PROG(tp_btf_wakeup_new, struct task_struct *p)
-{ return runq_enqueued(p); }
-
-SEC("tp_btf/sched_switch")
-int BPF_PROG(tp_btf_switch, bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state)
-{ return on_switch(prev, next, prev_state); }
-
+#define HOOK(name, tp) SEC("tp_btf/" #tp) int BPF_PROG(tp_btf_##name
 #else
-/* raw_tp: the same hooks where tp_btf is unavailable (built as tracker_raw.bpf.o). */
-SEC("raw_tp/sched_process_fork")
-int BPF_PROG(raw_tp_fork, struct task_struct *parent, struct task_struct *child)
+#define HOOK(name, tp) SEC("raw_tp/" #tp) int BPF_PROG(raw_tp_##name
+#endif
+
+HOOK(fork, sched_process_fork), struct task_struct *parent, struct task_struct *child)
 { return on_fork(parent, child); }
 
-SEC("raw_tp/sched_process_exec")
-int BPF_PROG(raw_tp_exec, struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)
+HOOK(exec, sched_process_exec), struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)
 { return on_exec(p, bprm); }
 
-SEC("raw_tp/sched_process_exit")
-int BPF_PROG(raw_tp_exit, struct task_struct *p)
+HOOK(exit, sched_process_exit), struct task_struct *p)
 { return on_exit(p); }
 
-SEC("raw_tp/mark_victim")
-int BPF_PROG(raw_tp_oom, struct task_struct *p)
+HOOK(oom, mark_victim), struct task_struct *p)
 { return on_oom_victim(p); }
 
-SEC("raw_tp/sched_wakeup")
-int BPF_PROG(raw_tp_wakeup, struct task_struct *p)
+HOOK(wakeup, sched_wakeup), struct task_struct *p)
 { return runq_enqueued(p); }
 
-SEC("raw_tp/sched_wakeup_new")
-int BPF_PROG(raw_tp_wakeup_new, struct task_struct *p)
+HOOK(wakeup_new, sched_wakeup_new), struct task_struct *p)
 { return runq_enqueued(p); }
 
-SEC("raw_tp/sched_switch")
-int BPF_PROG(raw_tp_switch, bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state)
+HOOK(switch, sched_switch), bool preempt, struct task_struct *prev, struct task_struct *next,
+     unsigned int prev_state)
 { return on_switch(prev, next, prev_state); }
-#endif

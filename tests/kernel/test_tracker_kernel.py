@@ -34,11 +34,11 @@ def test_cgroup():
     root.rmdir()
 
 
-def _tracker(root):
+def _tracker(root, prefer="tp_btf"):
     from agentcg.adapters.bpf import Tracker, objects_dir
     if not (objects_dir() / "tracker.bpf.o").exists():
         pytest.fail("bpf objects not built: run `make -C bpf`")
-    return Tracker(root)
+    return Tracker(root, prefer=prefer)
 
 
 def _collect(tracker, until, timeout_s=5.0):
@@ -51,12 +51,15 @@ def _collect(tracker, until, timeout_s=5.0):
     return events
 
 
-def test_fork_exec_exit_in_watched_cgroup(test_cgroup):
+@pytest.mark.parametrize("flavor", ["tp_btf", "raw_tp"])
+def test_fork_exec_exit_in_watched_cgroup(test_cgroup, flavor):
+    """Both builds of the tracker (typed tp_btf, and the raw_tp fallback with
+    probe reads) decode the same events."""
     from agentcg.adapters.bpf import cgroup_id
     root, leaf = test_cgroup
     leaf_id = cgroup_id(leaf)
-    with _tracker(root) as tr:
-        assert tr.flavor in ("tp_btf", "raw_tp")
+    with _tracker(root, flavor) as tr:
+        assert tr.flavor == flavor, tr.load_notes
         # a shell placed in the leaf before it forks: `sh -c 'sleep 0.1; exit 7'`
         r, w = os.pipe()
         proc = subprocess.Popen(["/bin/sh", "-c", "read x; /bin/sleep 0.1 ; exit 7"], stdin=r)
