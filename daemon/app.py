@@ -54,8 +54,12 @@ def build(config: Config, *, root: str | None = None, mount: str | None = None,
     cgfs = CgroupFs(root or config.daemon.cgroup_root)
     hooks = Hooks()
     # -- extension hooks: add one line per hook below --------------------------
-    from agentcg.adapters.bpf import BpfHook
-    hooks.add(BpfHook(cgfs.root, escape_action="kill" if config.daemon.straggler_policy == "kill" else "keep"))
+    if config.bpf.enabled:
+        from agentcg.adapters.bpf import BpfHook
+        hooks.add(BpfHook(cgfs.root, rules=config.auto_rules,
+                          escape_action=config.bpf.escape_action or config.daemon.straggler_policy,
+                          runq=config.bpf.runq_latency, network=config.bpf.network,
+                          sched_ext=config.bpf.sched_ext))
     from .policy import PolicyLoop, load_ruleset
     hooks.add(PolicyLoop(cgfs, load_ruleset(config.policy)))
     return Daemon(config, cgfs, hooks, mount=mount, hierarchy=hierarchy)

@@ -66,6 +66,20 @@ class DaemonConfig:
         return self.event_log or f"{self.runtime_dir.rstrip('/')}/events.jsonl"
 
 
+ESCAPE_ACTIONS = ("", "kill", "keep")
+
+
+@dataclass(frozen=True)
+class BpfConfig:
+    """The [bpf] table: which kernel programs agentcgd loads (each only where
+    the kernel has what it needs; see docs/bpf.md)."""
+    enabled: bool = True           # false: cgroupfs only, no BPF at all
+    network: bool = True           # cgroup BPF network intent and byte counters
+    runq_latency: bool = True      # sched_wakeup/sched_switch run-queue latency per cgroup
+    sched_ext: bool = True         # the agentcg sched_ext scheduler where the kernel has sched_ext
+    escape_action: str = ""        # processes outliving their call: kill|keep; "" = daemon.straggler_policy
+
+
 @dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
@@ -75,6 +89,8 @@ class Config:
     root_grant: Grant = field(default_factory=lambda: Grant(max_priority=PRIORITY_MAX))
     grants: Mapping[int, Grant] = field(default_factory=dict)
     policy: Mapping[str, Any] | None = None  # the [policy] table; parsed by agentcg.core.policy.load_ruleset
+    bpf: BpfConfig = field(default_factory=BpfConfig)
+    auto_rules: tuple = ()  # [[auto_rules]]: automatic mode's command -> intent rules (core.rules_match)
 
     def grant_for(self, uid: int) -> Grant:
         """The grant of `uid`: its own table, else root's (uid 0), else the default."""
@@ -106,7 +122,7 @@ def parse_config(text: str) -> Config:
 
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:
-    _only(data, ("daemon", "defaults", "grants", "policy"), "")
+    _only(data, ("daemon", "defaults", "grants", "policy", "bpf", "auto_rules"), "")
     daemon = _daemon(data.get("daemon", {}))
     defaults = data.get("defaults", {})
     _table(defaults, "defaults")
@@ -139,7 +155,35 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
                   for uid in grants}
     return Config(daemon=daemon, session_defaults=session_defaults, call_defaults=call_defaults,
                   default_grant=default_grant, root_grant=root_grant, grants=grants,
-                  policy=_policy(data.get("policy")))
+                  policy=_policy(data.get("policy")), bpf=_bpf(data.get("bpf", {})),
+                  auto_rules=_auto_rules(data.get("auto_rules")))
+
+
+def _bpf(tbl: Any) -> BpfConfig:
+    _table(tbl, "bpf")
+    _only(tbl, ("enabled", "network", "runq_latency", "sched_ext", "escape_action"), "bpf.")
+    for key, value in tbl.items():
+        if key != "escape_action" and not isinstance(value, bool):
+            raise ConfigError(f"bpf.{key}", value, "is not true or false")
+    if tbl.get("escape_action", "") not in ESCAPE_ACTIONS:
+        raise ConfigError("bpf.escape_action", tbl["escape_action"], "is not one of kill|keep")
+    return BpfConfig(**tbl)
+
+
+def _auto_rules(raw: Any) -> tuple:
+    """[[auto_rules]]: parsed (and each rule's intent validated) at load time."""
+    if raw is None:
+        return ()
+    from agentcg.core.rules_match import RuleError, parse_rules
+    if isinstance(raw, list):
+        for i, item in enumerate(raw):
+            if isinstance(item, Mapping) and "intent" in item:
+                _intent(item["intent"], f"auto_rules[{i}].intent")
+    try:
+        return parse_rules(raw)
+    except RuleError as exc:
+        key, _, why = str(exc).partition(": ")
+        raise ConfigError(key, raw, why) from None
 
 
 def _policy(tbl: Any) -> Mapping[str, Any] | None:
@@ -253,5 +297,5 @@ def _grant(tbl: Any, where: str, base: Grant) -> Grant:
     return Grant(**kw)
 
 
-__all__ = ["Config", "ConfigError", "DaemonConfig", "parse_config", "config_from_dict",
+__all__ = ["BpfConfig", "Config", "ConfigError", "DaemonConfig", "parse_config", "config_from_dict",
            "load_config_text", "DEFAULT_CONFIG_PATH", "PRIORITY_MIN", "PRIORITY_MAX"]

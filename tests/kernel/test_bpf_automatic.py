@@ -46,7 +46,9 @@ def agentcgd(request):
     root, runtime = mnt / tag, Path("/tmp") / tag
     runtime.mkdir(mode=0o755, exist_ok=True)
     sock = runtime / "agentcg.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "agentcg.daemon.app", "--cgroup-root", str(root),
+    cfg = runtime / "agentcg.toml"  # automatic mode's rules come from the config
+    cfg.write_text('[[auto_rules]]\ncommand = "sleep"\nintent = { pids_max = 77, cpu = "batch" }\nname = "sleepers"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "agentcg.daemon.app", "--config", str(cfg), "--cgroup-root", str(root),
                              "--runtime-dir", str(runtime), "--no-require-controllers", "--log-level", "warning"],
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + 20
@@ -112,6 +114,8 @@ def test_child_of_attached_agent_gets_its_own_call_and_escape_is_reported(agentc
             assert extra["exec_count"] >= 0 and extra["proc_count"] >= 1
             auto = _events(runtime, "call.auto")
             assert auto and auto[0]["pid"] == child and auto[0]["placement_us"] > 0
+            assert "sleepers" in auto[0]["reason"], auto[0]
+            assert ended[0]["limits"]["pids_max"] == 77 and ended[0]["limits"]["cpu_weight"] == 25, ended[0]
 
             # escape: a background child whose parent exits (re-parented). The shell first
             # runs long enough to be placed: placement happens after exec (see docs/bpf.md)

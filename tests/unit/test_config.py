@@ -58,3 +58,47 @@ def test_errors_name_the_key(text, key):
 def test_file_path_in_error():
     with pytest.raises(ConfigError, match=r"^/etc/a.toml: daemon.bogus: 1 is not a known key"):
         load_config_text("/etc/a.toml", "[daemon]\nbogus = 1")
+
+
+def test_bpf_table_and_auto_rules_parse_and_reach_the_hook(tmp_path):
+    """[bpf] switches and [[auto_rules]] are parsed at load time and handed to
+    the eBPF hook that automatic mode uses."""
+    cfg = parse_config("""
+[daemon]
+straggler_policy = "keep"
+[bpf]
+sched_ext = false
+runq_latency = false
+[[auto_rules]]
+command = "pytest*"
+intent = { cpu = "batch", memory_max = "4G" }
+[[auto_rules]]
+regex = "^npm (test|run build)"
+intent = { network = "none" }
+name = "npm-build"
+""")
+    assert cfg.bpf.sched_ext is False and cfg.bpf.runq_latency is False and cfg.bpf.network is True
+    assert [r.name for r in cfg.auto_rules] == ["pytest*", "npm-build"]
+    assert cfg.auto_rules[0].matches("pytest", "pytest -x tests") and not cfg.auto_rules[0].matches("git", "git status")
+    from agentcg.daemon.app import build
+    daemon = build(cfg, root=str(tmp_path / "cg"))
+    hook = next(h for h in daemon.hooks.hooks if getattr(h, "name", "") == "bpf")
+    assert hook.use_sched_ext is False and hook.runq is False and hook.network is True
+    assert hook.attr.escape_action == "keep"
+    m = hook.attr.rules[1].matches("npm", "npm run build")
+    assert m
+    off = build(parse_config("[bpf]\nenabled = false\n"), root=str(tmp_path / "cg2"))
+    assert not [h for h in off.hooks.hooks if getattr(h, "name", "") == "bpf"]
+
+
+@pytest.mark.parametrize("text,key", [
+    ("[bpf]\nsched_ext = 1\n", "bpf.sched_ext"),
+    ("[bpf]\nescape_action = \"zap\"\n", "bpf.escape_action"),
+    ("[bpf]\nfoo = true\n", "bpf.foo"),
+    ("[[auto_rules]]\nintent = {}\n", "auto_rules[0]"),
+    ("[[auto_rules]]\ncommand = \"make\"\nintent = { memory = \"lots\" }\n", "auto_rules[0].intent.memory"),
+])
+def test_bpf_and_auto_rule_errors_name_the_key(text, key):
+    with pytest.raises(ConfigError) as ei:
+        parse_config(text)
+    assert ei.value.key == key, str(ei.value)

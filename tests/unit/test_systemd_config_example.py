@@ -35,6 +35,8 @@ def test_commented_examples_are_valid():
     assert cfg.session_defaults.memory_max_bytes == 8 << 30
     assert cfg.call_defaults.memory_class == "normal"
     assert cfg.policy == {"preset": "adaptive", "dry_run": False, "ladder": {"calm_hold_ns": "300ms"}}
+    assert cfg.bpf == Config().bpf
+    assert [r.name for r in cfg.auto_rules] == ["pytest*", "npm-build"]
 
 
 def test_policy_default_is_the_adaptive_preset():
