@@ -301,16 +301,16 @@ class KVPool:
         e = self.block_elems
         return self.host[start * e:(start + n) * e].view(self.L, n, 2, self.bs, self.H, self.D)
 
-    def pieces(self, runs: list[tuple[int, int, int]]) -> list[Piece]:
+    def pieces(self, runs: list[tuple[int, int, int]], one_layer: bool = False) -> list[Piece]:
         """Split host runs into transfers of at most one staging slot, each one
-        contiguous on the host: several whole layers, or part of one layer.
-        Ordered layer-major so that early layers arrive first."""
+        contiguous on the host: several whole layers (unless one_layer), or part
+        of one layer. Ordered layer-major so that early layers arrive first."""
         out = []
         per_layer = self.block_layer_elems
         for start, n, first in runs:
             layer_elems = n * per_layer
             if layer_elems <= self.slot_elems:
-                step = max(1, self.slot_elems // layer_elems)
+                step = 1 if one_layer else max(1, self.slot_elems // layer_elems)
                 for l0 in range(0, self.L, step):
                     out.append(Piece(start, n, first, l0, min(self.L, l0 + step), 0, n))
             else:
@@ -437,7 +437,7 @@ class KVPool:
         lazy: issue the pieces only as waits ask for them (handle.issue_all()
         issues the rest); else all of them now."""
         self.issue_swap_ins()
-        pieces = self.pieces(runs)
+        pieces = self.pieces(runs, one_layer=True)     # layer l is ready without waiting for l+1..
         h = SwapHandle(owner, "in", len(gpu_blocks) * self.block_bytes, [None] * self.L,
                        blocks=list(gpu_blocks), pool=self, pieces=pieces,
                        plans=self._piece_plans(pieces, gpu_blocks), last_piece=[-1] * self.L)
