@@ -452,8 +452,8 @@ class KVPool:
             self.link_stream.wait_event(ready)
             h.start = torch.cuda.Event(enable_timing=True)
         elif self.poison_in_flight:
-            for b in gpu_blocks:
-                self.chunks[b // self.cb][:, b % self.cb].fill_(float("nan"))
+            for c, _, loc in self.gather_plan(gpu_blocks).parts:
+                self.chunks[c].index_fill_(1, loc, float("nan"))
         self._in_flight.append(h)
         if not lazy:
             h.issue_all()

@@ -20,6 +20,9 @@ class SwapEngine:
         self.count = {"out": 0, "in": 0}
         self.seconds = {"out": 0.0, "in": 0.0}
         self._inflight: list[SwapHandle] = []
+        # swap-ins issued as the forward pass asks for each layer; False: every
+        # copy is queued when the swap-in is planned (kept to compare)
+        self.lazy = True
 
     def run(self, plan: SwapPlan) -> SwapHandle:
         src = [m[1] for m in plan.moves]
@@ -29,7 +32,7 @@ class SwapEngine:
         else:
             # issued lazily: the next forward pass that runs this owner drives
             # the copies layer by layer (for_step issues them otherwise)
-            h = self.kv.swap_in(plan.owner, dst, list(plan.runs), lazy=True)
+            h = self.kv.swap_in(plan.owner, dst, list(plan.runs), lazy=self.lazy)
             self.pending[plan.owner] = h
         self.bytes[plan.direction] += h.nbytes
         self.count[plan.direction] += 1
