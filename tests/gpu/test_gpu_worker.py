@@ -43,7 +43,9 @@ def test_gpu_greedy_and_preempting_swap_match_reference():
     e.bm.check()
 
 
-def test_gpu_swap_round_trip_bit_exact_and_fast():
+def swapped_out_pool():
+    """A bf16 pool whose 256 even blocks were swapped out (and zeroed): (pool,
+    source blocks, destination blocks for the swap-in, their data before)."""
     kv = KVPool(n_layers=8, kv_heads=8, head_dim=128, block_size=16, chunk_blocks=256, num_chunks=2,
                 host_blocks=256, device=torch.device("cuda"), dtype=torch.bfloat16, slot_bytes=16 << 20)
     for c in kv.chunks:
@@ -54,10 +56,18 @@ def test_gpu_swap_round_trip_bit_exact_and_fast():
     kv.swap_out("s", src, [(0, 256, 0)]).synchronize()
     for b in src:
         kv.chunks[b // 256][:, b % 256].zero_()
+    return kv, src, dst, before
+
+
+def blocks_of(kv, blocks):
+    return torch.stack([kv.chunks[b // 256][:, b % 256] for b in blocks])
+
+
+def test_gpu_swap_round_trip_bit_exact_and_fast():
+    kv, src, dst, before = swapped_out_pool()
     h = kv.swap_in("s", dst, [(0, 256, 0)])
     h.synchronize()
-    after = torch.stack([kv.chunks[b // 256][:, b % 256] for b in dst])
-    assert torch.equal(before, after)
+    assert torch.equal(before, blocks_of(kv, dst))
     link = kv.measure_link_gbps(256 << 20)
     import time
     torch.cuda.synchronize()
@@ -95,14 +105,7 @@ def test_gpu_overlapped_resume_matches_no_swap_and_serial_swap_in(pause):
 
 
 def test_gpu_lazy_swap_in_issues_layers_on_demand_and_lands_bit_exact():
-    kv = KVPool(n_layers=8, kv_heads=8, head_dim=128, block_size=16, chunk_blocks=256, num_chunks=2,
-                host_blocks=256, device=torch.device("cuda"), dtype=torch.bfloat16, slot_bytes=16 << 20)
-    for c in kv.chunks:
-        c.normal_()
-    src = list(range(0, 512, 2))[:256]
-    dst = list(range(1, 512, 2))[:256]
-    before = torch.stack([kv.chunks[b // 256][:, b % 256] for b in src])
-    kv.swap_out("s", src, [(0, 256, 0)]).synchronize()
+    kv, _, dst, before = swapped_out_pool()
     h = kv.swap_in("s", dst, [(0, 256, 0)], lazy=True)
     assert h.issued == 0 and not h.is_done()
     h.wait_layer(0)                    # issues layers 0..lookahead, compute waits for layer 0 only
@@ -112,6 +115,5 @@ def test_gpu_lazy_swap_in_issues_layers_on_demand_and_lands_bit_exact():
     layer0 = torch.stack([kv.chunks[b // 256][0, b % 256] for b in dst])    # on the compute stream
     assert torch.equal(layer0, before[:, 0])
     h.synchronize()
-    after = torch.stack([kv.chunks[b // 256][:, b % 256] for b in dst])
-    assert torch.equal(before, after)
+    assert torch.equal(before, blocks_of(kv, dst))
     assert h.seconds() is not None and h.seconds() > 0
