@@ -323,7 +323,10 @@ class KVPool:
 
     def _staging_view(self, slot: int, p: Piece) -> torch.Tensor:
         if self._staging[slot] is None:
-            self._staging[slot] = torch.empty(self.slot_elems, dtype=self.dtype, device=self.device)
+            # a lazy swap-in may first need it inside the forward pass: a buffer made
+            # in inference mode could not be written by later swaps outside it
+            with torch.inference_mode(False):
+                self._staging[slot] = torch.empty(self.slot_elems, dtype=self.dtype, device=self.device)
         n = (p.l1 - p.l0) * (p.b - p.a) * self.block_layer_elems
         # [l1-l0, b-a, 2, bs, H, D]
         return self._staging[slot][:n].view(p.l1 - p.l0, p.b - p.a, 2, self.bs, self.H, self.D)

@@ -70,3 +70,14 @@ def test_a_new_swap_issues_the_lazy_swap_in_first():
     h = kv.swap_in("s", [11, 12, 13], [(0, 3, 0)], lazy=True)
     kv.swap_out("o", other, [(0, 3, 0)])                            # same host slots
     assert h.is_done() and torch.equal(stacked(kv, [11, 12, 13]), ref)
+
+
+def test_staging_made_during_a_forward_pass_serves_later_swaps():
+    """A lazy swap-in's first copy may run inside the forward pass (inference
+    mode); the staging buffer it makes is written again by swaps outside it."""
+    kv = make_pool(64)
+    h = kv.swap_in("s", [11, 12, 13], [(0, 3, 0)], lazy=True)
+    with torch.inference_mode():
+        h.issue_all()
+    kv.swap_out("s", [11, 12, 13], [(3, 3, 0)])
+    assert torch.equal(kv.host_run(3, 3), kv.host_run(0, 3))
