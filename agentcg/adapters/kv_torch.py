@@ -440,7 +440,9 @@ class KVPool:
         lazy: issue the pieces only as waits ask for them (handle.issue_all()
         issues the rest); else all of them now."""
         self.issue_swap_ins()
-        pieces = self.pieces(runs, one_layer=True)     # layer l is ready without waiting for l+1..
+        # lazy: one layer per piece, so that layer l is ready without waiting for
+        # l+1..; eager (the whole swap queued at once): as few pieces as fit
+        pieces = self.pieces(runs, one_layer=lazy)
         h = SwapHandle(owner, "in", len(gpu_blocks) * self.block_bytes, [None] * self.L,
                        blocks=list(gpu_blocks), pool=self, pieces=pieces,
                        plans=self._piece_plans(pieces, gpu_blocks), last_piece=[-1] * self.L)
