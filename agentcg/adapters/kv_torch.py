@@ -385,7 +385,7 @@ class KVPool:
                 view = self._staging_view(0, p)
                 self._gather_piece(p, plans[i], view)
                 self.host_run(p.run_start, p.run_n)[p.l0:p.l1, p.a:p.b].copy_(view)
-            return SwapHandle(owner, "out", nbytes)
+            return SwapHandle(owner, "out", nbytes, pool=self)
         compute = torch.cuda.current_stream(self.device)
         ready = torch.cuda.Event()
         ready.record(compute)
@@ -417,7 +417,7 @@ class KVPool:
         compute.wait_event(gathered)           # freed blocks are rewritten only after the last gather
         done.record(self.link_stream)
         self._link_last = done
-        return SwapHandle(owner, "out", nbytes, [], done, start, keep)
+        return SwapHandle(owner, "out", nbytes, [], done, start, keep, pool=self)
 
     def issue_swap_ins(self) -> None:
         """Issue every piece of the swap-ins in flight. Called before a new swap:

@@ -138,3 +138,73 @@ def test_shrink_right_after_resume_moves_the_blocks_once_they_are_in(never_swapp
     assert two_turns(e, "swap+resume", shrink, fill_low_blocks) == never_swapped
     assert moved[0] > 0
     e.bm.check()
+
+
+class FakeEvent:
+    """Stands in for torch.cuda.Event: logs where it is recorded (the copies
+    themselves run synchronously on CPU tensors)."""
+    log: list = []
+
+    def __init__(self, enable_timing=False):
+        pass
+
+    def record(self, stream=None):
+        FakeEvent.log.append(("record", stream.name, self))
+
+    def query(self):
+        return True
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, other):
+        return 1.0
+
+
+class FakeStream:
+    def __init__(self, name):
+        self.name = name
+
+    def wait_event(self, ev):
+        FakeEvent.log.append(("wait", self.name, ev))
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_cuda_event_wiring_with_fake_streams(never_swapped, monkeypatch, overlap):
+    """The CUDA branch of the swap-in, with logging fakes for streams and events:
+    overlapped, compute waits once per layer, for that layer's copy event, after
+    it was recorded and before the pieces lookahead+1 layers further on are
+    issued; serial, compute waits once, for the whole swap-in."""
+    import contextlib
+
+    compute = FakeStream("compute")
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    e = make_engine(overlap_swap_in=overlap)
+    kv = e.kv
+    kv.cuda, kv.link_stream, kv.dev_stream = True, FakeStream("link"), FakeStream("dev")
+    kv.lookahead, kv.poison_in_flight = 1, False
+    handles = []
+    real_swap_in = kv.swap_in
+    monkeypatch.setattr(kv, "swap_in", lambda *a, **k: handles.append(real_swap_in(*a, **k)) or handles[-1])
+
+    def start_log(e):
+        FakeEvent.log = []
+
+    assert two_turns(e, "swap", start_log) == never_swapped
+    (h,) = handles
+    log = FakeEvent.log
+    waits = [ev for op, stream, ev in log if op == "wait" and stream == "compute"]
+    if not overlap:
+        assert waits[0] is h.done and all(ev not in waits for ev in h.layer_ready)
+        return
+    L = e.model.shape.n_layers
+    assert waits[:L] == h.layer_ready                         # one wait per layer, in layer order
+    pos = {id(ev): i for i, (op, stream, ev) in enumerate(log) if op == "record"}
+    for layer in range(L):
+        at = next(i for i, x in enumerate(log) if x[0] == "wait" and x[2] is h.layer_ready[layer])
+        assert pos[id(h.layer_ready[layer])] < at
+        later = layer + kv.lookahead + 1
+        if later < L:
+            assert at < pos[id(h.layer_ready[later])]        # that layer's copy was not issued yet
