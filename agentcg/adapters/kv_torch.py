@@ -20,7 +20,14 @@ does the host<->device copies; events order them against each other and
 against compute (per layer for swap-in, so that a prefill can start on layer 0
 while later layers are still in transit). two_streams=False puts both on one
 stream (measured side by side in bench/results/kv_swap_streams.json).
-On CPU the same code runs synchronously with plain tensors.
+
+A swap-in may be issued lazily (swap_in(lazy=True)): its pieces go out as the
+forward pass asks for each layer (SwapHandle.wait_layer), a few layers ahead
+of compute on CUDA, so that the prefill of a resumed sequence starts at once
+instead of after the host has queued every copy. On CPU the same code runs
+with plain tensors: issuing a piece is the copy itself and happens exactly
+when the layer is waited for, and the destination blocks read as NaN until
+then, so a missing wait shows up in the tokens.
 """
 from __future__ import annotations
 
@@ -63,8 +70,16 @@ class Piece:
 
 @dataclass
 class SwapHandle:
-    """In-flight swap. layer_ready[l]: event after which layer l of the swapped-in
-    blocks is in place (None on CPU). done: event after the last copy."""
+    """A swap in flight.
+
+    A swap-in is a list of pieces (transfers of a staging slot, layer-major)
+    that are issued in order, all at once or on demand: wait_layer(l) issues
+    the pieces up to layer l + pool.lookahead, then makes the current stream
+    wait for layer l only (CUDA: layer_ready[l], an event on the copy stream).
+    On CPU, issuing a piece is the copy itself, so with lookahead 0 layer l is
+    copied exactly when its reader asks for it: the same path as on CUDA, with
+    the copy stream's progress driven by the waits.
+    done: event after the last copy (None on CPU, or before the last piece is issued)."""
     owner: str
     direction: str
     nbytes: int
@@ -72,17 +87,53 @@ class SwapHandle:
     done: object = None
     start: object = None
     keep: list = field(default_factory=list)      # tensors that must outlive the copies
+    blocks: list[int] = field(default_factory=list)     # device blocks written by a swap-in
+    pool: "KVPool | None" = None
+    pieces: list[Piece] = field(default_factory=list)
+    plans: list[GatherPlan] = field(default_factory=list)
+    last_piece: list[int] = field(default_factory=list)  # per layer: index of its last piece
+    issued: int = 0                                      # pieces issued so far
+    links: list = field(default_factory=list)            # per issued piece: its link copy's event (CUDA)
+
+    def fully_issued(self) -> bool:
+        return self.issued >= len(self.pieces)
+
+    def issue_through(self, layer: int) -> None:
+        """Issue the pieces up to the last one of `layer`."""
+        last = self.last_piece[layer] if self.last_piece else -1
+        while self.issued <= last:
+            self.pool._issue_piece(self, self.issued)
+            self.issued += 1
+
+    def issue_all(self) -> None:
+        while not self.fully_issued():
+            self.pool._issue_piece(self, self.issued)
+            self.issued += 1
+
+    def wait_layer(self, layer: int) -> None:
+        """Before compute reads or writes layer `layer` of these blocks."""
+        if self.pieces:
+            self.issue_through(min(len(self.last_piece) - 1, layer + self.pool.lookahead))
+        if self.layer_ready and self.layer_ready[layer] is not None:
+            torch.cuda.current_stream(self.pool.device).wait_event(self.layer_ready[layer])
+
+    def settle(self) -> None:
+        """Compute from here on sees the whole swap done (issues what is left)."""
+        self.issue_all()
+        if self.done is not None:
+            torch.cuda.current_stream(self.pool.device).wait_event(self.done)
 
     def is_done(self) -> bool:
-        return self.done is None or self.done.query()
+        return self.fully_issued() and (self.done is None or self.done.query())
 
     def synchronize(self) -> None:
+        self.issue_all()
         if self.done is not None:
             self.done.synchronize()
 
     def seconds(self) -> float | None:
         """Link time of the swap (CUDA events), once done."""
-        if self.done is None or self.start is None or not self.done.query():
+        if self.done is None or self.start is None or not self.is_done():
             return None
         return self.start.elapsed_time(self.done) / 1000.0
 
@@ -93,7 +144,8 @@ class KVPool:
     def __init__(self, *, n_layers: int, kv_heads: int, head_dim: int, block_size: int,
                  chunk_blocks: int, num_chunks: int, host_blocks: int,
                  device: torch.device, dtype: torch.dtype, slot_bytes: int = 64 << 20,
-                 num_slots: int = 3, online: list[bool] | None = None, two_streams: bool = True) -> None:
+                 num_slots: int = 3, online: list[bool] | None = None, two_streams: bool = True,
+                 lookahead: int | None = None, poison_in_flight: bool | None = None) -> None:
         self.L, self.H, self.D, self.bs = n_layers, kv_heads, head_dim, block_size
         self.cb = chunk_blocks
         self.device = torch.device(device)
@@ -126,6 +178,16 @@ class KVPool:
         # host back from issuing compute that overlaps a swap-in: off by default.
         self.pace_depth = 0
         self._link_last = None          # last event recorded on the link stream by a swap
+        # swap-in pieces issued ahead of the layer a wait asks for: on CUDA the
+        # copy stream gets work queued beyond the layer compute is on; on CPU
+        # (0) each layer is copied when its reader waits for it
+        self.lookahead = (2 if self.cuda else 0) if lookahead is None else lookahead
+        # CPU: a swap-in's destination blocks read as NaN until their layer is
+        # issued, as on a device where the copy has not landed yet, so that a
+        # read without the wait shows in the output
+        self.poison_in_flight = (not self.cuda) if poison_in_flight is None else poison_in_flight
+        self._in_flight: list[SwapHandle] = []     # swap-ins not yet done
+        self.trace: list[tuple] | None = None      # when a list: ("ready"|"read"|"write", layer) in order
 
     # ---------------------------------------------------------------- chunks
     def alloc_chunk(self, c: int) -> None:
@@ -202,6 +264,8 @@ class KVPool:
     # ------------------------------------------------------------ attention
     def write(self, layer: int, plan: WritePlan, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [T, H, D] for the plan's tokens."""
+        if self.trace is not None:
+            self.trace.append(("write", layer))
         for c, tok, rows in plan.parts:
             kk, vv = (k, v) if tok is None else (k.index_select(0, tok), v.index_select(0, tok))
             dst = self.chunks[c][layer].view(-1, self.H, self.D)    # [cb*2*bs, H, D]
@@ -209,6 +273,8 @@ class KVPool:
 
     def gather(self, layer: int, plan: GatherPlan) -> torch.Tensor:
         """-> [m, 2, bs, H, D]: the plan's blocks of one layer, in plan order."""
+        if self.trace is not None:
+            self.trace.append(("read", layer))
         if len(plan.parts) == 1 and plan.parts[0][1] is None:
             c, _, loc = plan.parts[0]
             return self.chunks[c][layer].index_select(0, loc)
@@ -223,6 +289,7 @@ class KVPool:
 
     def move_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Device-to-device block copies src -> dst (all layers), for shrink."""
+        self.settle_swap_ins()                   # blocks being swapped in move only once they are in
         for src, dst in pairs:
             sc, sl = divmod(src, self.cb)
             dc, dl = divmod(dst, self.cb)
@@ -234,16 +301,16 @@ class KVPool:
         e = self.block_elems
         return self.host[start * e:(start + n) * e].view(self.L, n, 2, self.bs, self.H, self.D)
 
-    def pieces(self, runs: list[tuple[int, int, int]]) -> list[Piece]:
+    def pieces(self, runs: list[tuple[int, int, int]], one_layer: bool = False) -> list[Piece]:
         """Split host runs into transfers of at most one staging slot, each one
-        contiguous on the host: several whole layers, or part of one layer.
-        Ordered layer-major so that early layers arrive first."""
+        contiguous on the host: several whole layers (unless one_layer), or part
+        of one layer. Ordered layer-major so that early layers arrive first."""
         out = []
         per_layer = self.block_layer_elems
         for start, n, first in runs:
             layer_elems = n * per_layer
             if layer_elems <= self.slot_elems:
-                step = max(1, self.slot_elems // layer_elems)
+                step = 1 if one_layer else max(1, self.slot_elems // layer_elems)
                 for l0 in range(0, self.L, step):
                     out.append(Piece(start, n, first, l0, min(self.L, l0 + step), 0, n))
             else:
@@ -256,7 +323,10 @@ class KVPool:
 
     def _staging_view(self, slot: int, p: Piece) -> torch.Tensor:
         if self._staging[slot] is None:
-            self._staging[slot] = torch.empty(self.slot_elems, dtype=self.dtype, device=self.device)
+            # a lazy swap-in may first need it inside the forward pass: a buffer made
+            # in inference mode could not be written by later swaps outside it
+            with torch.inference_mode(False):
+                self._staging[slot] = torch.empty(self.slot_elems, dtype=self.dtype, device=self.device)
         n = (p.l1 - p.l0) * (p.b - p.a) * self.block_layer_elems
         # [l1-l0, b-a, 2, bs, H, D]
         return self._staging[slot][:n].view(p.l1 - p.l0, p.b - p.a, 2, self.bs, self.H, self.D)
@@ -306,6 +376,7 @@ class KVPool:
         """Copy gpu_blocks (table order) to the host runs. The blocks may be
         reused by compute as soon as this returns: the compute stream waits
         for the gathers."""
+        self.issue_swap_ins()
         pieces = self.pieces(runs)
         plans = self._piece_plans(pieces, gpu_blocks)
         nbytes = len(gpu_blocks) * self.block_bytes
@@ -314,7 +385,7 @@ class KVPool:
                 view = self._staging_view(0, p)
                 self._gather_piece(p, plans[i], view)
                 self.host_run(p.run_start, p.run_n)[p.l0:p.l1, p.a:p.b].copy_(view)
-            return SwapHandle(owner, "out", nbytes)
+            return SwapHandle(owner, "out", nbytes, pool=self)
         compute = torch.cuda.current_stream(self.device)
         ready = torch.cuda.Event()
         ready.record(compute)
@@ -346,64 +417,97 @@ class KVPool:
         compute.wait_event(gathered)           # freed blocks are rewritten only after the last gather
         done.record(self.link_stream)
         self._link_last = done
-        return SwapHandle(owner, "out", nbytes, [], done, start, keep)
+        return SwapHandle(owner, "out", nbytes, [], done, start, keep, pool=self)
 
-    def swap_in(self, owner: str, gpu_blocks: list[int], runs: list[tuple[int, int, int]]) -> SwapHandle:
+    def issue_swap_ins(self) -> None:
+        """Issue every piece of the swap-ins in flight. Called before a new swap:
+        its copies then queue behind them, and the host slots they read, which
+        the block manager has already freed, are read before anyone reuses them."""
+        for h in self._in_flight:
+            h.issue_all()
+        self._in_flight = [h for h in self._in_flight if not h.is_done()]
+
+    def settle_swap_ins(self) -> None:
+        """Compute from here on sees every swap-in done."""
+        for h in self._in_flight:
+            h.settle()
+        self._in_flight = [h for h in self._in_flight if not h.is_done()]
+
+    def swap_in(self, owner: str, gpu_blocks: list[int], runs: list[tuple[int, int, int]],
+                lazy: bool = False) -> SwapHandle:
         """Copy the host runs into gpu_blocks (table order). Compute that reads
-        layer l of these blocks must wait for handle.layer_ready[l] first."""
-        pieces = self.pieces(runs)
-        plans = self._piece_plans(pieces, gpu_blocks)
-        nbytes = len(gpu_blocks) * self.block_bytes
-        if not self.cuda:
-            for i, p in enumerate(pieces):
-                view = self._staging_view(0, p)
-                view.copy_(self.host_run(p.run_start, p.run_n)[p.l0:p.l1, p.a:p.b])
-                self._scatter_piece(p, plans[i], view)
-            return SwapHandle(owner, "in", nbytes, [None] * self.L)
-        compute = torch.cuda.current_stream(self.device)
-        ready = torch.cuda.Event()
-        ready.record(compute)
-        self.dev_stream.wait_event(ready)
-        self.link_stream.wait_event(ready)
-        last_piece_of_layer = {}
+        or writes layer l of these blocks calls handle.wait_layer(l) first.
+        lazy: issue the pieces only as waits ask for them (handle.issue_all()
+        issues the rest); else all of them now."""
+        self.issue_swap_ins()
+        # lazy: one layer per piece, so that layer l is ready without waiting for
+        # l+1..; eager (the whole swap queued at once): as few pieces as fit
+        pieces = self.pieces(runs, one_layer=lazy)
+        h = SwapHandle(owner, "in", len(gpu_blocks) * self.block_bytes, [None] * self.L,
+                       blocks=list(gpu_blocks), pool=self, pieces=pieces,
+                       plans=self._piece_plans(pieces, gpu_blocks), last_piece=[-1] * self.L)
         for i, p in enumerate(pieces):
             for layer in range(p.l0, p.l1):
-                last_piece_of_layer[layer] = i
-        layer_ready: list = [None] * self.L
-        start = torch.cuda.Event(enable_timing=True)
-        done = torch.cuda.Event(enable_timing=True)
-        keep: list[torch.Tensor] = []
-        links = []
-        for i, p in enumerate(pieces):
+                h.last_piece[layer] = i
+        if self.cuda and pieces:
+            # copies start after the compute issued so far (which may still use these blocks)
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+            self.dev_stream.wait_event(ready)
+            self.link_stream.wait_event(ready)
+            h.start = torch.cuda.Event(enable_timing=True)
+        elif self.poison_in_flight:
+            for c, _, loc in self.gather_plan(gpu_blocks).parts:
+                self.chunks[c].index_fill_(1, loc, float("nan"))
+        self._in_flight.append(h)
+        if not lazy:
+            h.issue_all()
+        return h
+
+    def _issue_piece(self, h: SwapHandle, i: int) -> None:
+        """Issue piece i of swap-in h: host -> staging on the link stream, staging
+        -> blocks on the device stream; record layer_ready for the layers it completes."""
+        p = h.pieces[i]
+        s = i % self.num_slots
+        view = self._staging_view(s if self.cuda else 0, p)
+        src = self.host_run(p.run_start, p.run_n)[p.l0:p.l1, p.a:p.b]
+        ev = None
+        if not self.cuda:
+            view.copy_(src)
+            self._scatter_piece(p, h.plans[i], view)
+        else:
             if self.pace_depth and i >= self.pace_depth:
-                links[i - self.pace_depth].synchronize()
-            s = i % self.num_slots
-            view = self._staging_view(s, p)
+                h.links[i - self.pace_depth].synchronize()
             with torch.cuda.stream(self.link_stream):
                 if self._slot_free[s] is not None:
                     self.link_stream.wait_event(self._slot_free[s])
                 if i == 0:
-                    start.record(self.link_stream)
-                view.copy_(self.host_run(p.run_start, p.run_n)[p.l0:p.l1, p.a:p.b], non_blocking=True)
+                    h.start.record(self.link_stream)
+                view.copy_(src, non_blocking=True)
                 loaded = torch.cuda.Event()
                 loaded.record(self.link_stream)
-                links.append(loaded)
+                self._link_last = loaded
             with torch.cuda.stream(self.dev_stream):
                 self.dev_stream.wait_event(loaded)
-                keep += self._scatter_piece(p, plans[i], view)
+                h.keep += self._scatter_piece(p, h.plans[i], view)
                 ev = torch.cuda.Event()
                 ev.record(self.dev_stream)
                 self._slot_free[s] = ev
-                for layer in range(p.l0, p.l1):
-                    if last_piece_of_layer[layer] == i:
-                        layer_ready[layer] = ev
-        # done: after the last scatter, timed on the link stream
-        all_in = torch.cuda.Event()
-        all_in.record(self.dev_stream)
-        self.link_stream.wait_event(all_in)
-        done.record(self.link_stream)
-        self._link_last = done
-        return SwapHandle(owner, "in", nbytes, layer_ready, done, start, keep)
+            h.links.append(loaded)
+        for layer in range(p.l0, p.l1):
+            if h.last_piece[layer] == i:
+                h.layer_ready[layer] = ev
+                if self.trace is not None:
+                    self.trace.append(("ready", layer))
+        if i == len(h.pieces) - 1 and self.cuda:
+            # done: after the last scatter, timed on the link stream
+            all_in = torch.cuda.Event()
+            all_in.record(self.dev_stream)
+            self.link_stream.wait_event(all_in)
+            done = torch.cuda.Event(enable_timing=True)
+            done.record(self.link_stream)
+            h.done = done
+            self._link_last = done
 
     # --------------------------------------------------------- measurements
     def measure_link_gbps(self, nbytes: int = 256 << 20, repeats: int = 3) -> dict:

@@ -42,6 +42,8 @@ class EngineConfig:
     max_step_tokens: int = 8192         # prefill tokens per step (chunked prefill beyond)
     preempt_mode: str | None = None     # None: cost model; "swap" / "recompute" force one
     measure: bool = True                # measure link bandwidth and prefill speed at start-up
+    overlap_swap_in: bool = True        # a resumed sequence's prefill waits per layer for its swap-in
+                                        # (False: for the whole swap-in before the step starts)
 
 
 @dataclass
@@ -201,7 +203,12 @@ class Engine:
         seq.state = FINISHED
 
     def has_work(self) -> bool:
-        return any(s.state != FINISHED for s in self.sched.seqs.values())
+        """Requests to run, or swap-in copies still to issue (a prefetch)."""
+        return any(s.state != FINISHED for s in self.sched.seqs.values()) or self.swapper.has_unissued()
+
+    def _holds(self, owner: str, blocks: list[int]) -> bool:
+        t = self.bm.find_table(owner)
+        return t is not None and t.where == GPU and set(blocks) <= set(t.blocks)
 
     # ------------------------------------------------------------------ step
     def _run_swaps(self, plan: StepPlan) -> None:
@@ -218,11 +225,12 @@ class Engine:
         self.swapper.poll()
         plan = self.sched.schedule()
         self._run_swaps(plan)
+        waits = self.swapper.for_step({seq.owner for seq, _ in plan.batch}, self._holds,
+                                      overlap=self.cfg.overlap_swap_in)
         if not plan.batch:
             return []
         self.counters["steps"] += 1
         items = [(seq, n, self.bm.table(seq.owner).blocks) for seq, n in plan.batch]
-        waits = [h for seq, _ in plan.batch if (h := self.swapper.waits_for(seq.owner)) is not None]
         ids, pos, batch, sampled = build_batch(items, self.kv, waits)
         logits = self.model.forward(ids, pos, batch, self.kv)
         toks = sample(logits, [items[i][0].temperature for i in sampled], self._gen)
@@ -258,6 +266,7 @@ class Engine:
             self.bm.free(old.owner)
         self.bm.truncate(seq.owner, seq.num_computed)
         self.bm.rename(seq.owner, "ses:" + seq.session_id)
+        self.swapper.rename(seq.owner, "ses:" + seq.session_id)
         self.sched.sessions[seq.session_id] = SessionContext(seq.session_id, seq.tokens[:seq.num_computed],
                                                              last_used=self.sched.tick)
 
@@ -308,7 +317,9 @@ class Engine:
 
     def resume(self, session_id: str) -> dict:
         """Start bringing a swapped session's context back to the device ahead
-        of its next request (asynchronous on CUDA)."""
+        of its next request. The copies are issued by the next step: layer by
+        layer with the prefill if the request is there by then, else in full
+        (asynchronous on CUDA)."""
         ctx = self._session(session_id)
         ctx.keep = False
         ctx.expires_at_s = None

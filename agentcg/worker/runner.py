@@ -33,9 +33,11 @@ class StepBatch:
     waits: list[SwapHandle] = field(default_factory=list)
 
     def wait_layer(self, layer: int) -> None:
+        """Called by the forward pass before it writes or reads layer `layer` of
+        the cache: swap-ins of this step's sequences issue up to that layer and
+        compute waits for that layer's copies only."""
         for h in self.waits:
-            if h.layer_ready and h.layer_ready[layer] is not None:
-                torch.cuda.current_stream().wait_event(h.layer_ready[layer])
+            h.wait_layer(layer)
 
 
 def build_batch(items: list[tuple[object, int, list[int]]], kv: KVPool,

@@ -6,6 +6,8 @@ a dedicated stream, scatter) are in agentcg/adapters/kv_torch.py.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from agentcg.adapters.kv_torch import KVPool, SwapHandle
 from agentcg.core.kv_blocks import SwapPlan
 
@@ -18,6 +20,9 @@ class SwapEngine:
         self.count = {"out": 0, "in": 0}
         self.seconds = {"out": 0.0, "in": 0.0}
         self._inflight: list[SwapHandle] = []
+        # swap-ins issued as the forward pass asks for each layer; False: every
+        # copy is queued when the swap-in is planned (kept to compare)
+        self.lazy = True
 
     def run(self, plan: SwapPlan) -> SwapHandle:
         src = [m[1] for m in plan.moves]
@@ -25,7 +30,9 @@ class SwapEngine:
         if plan.direction == "out":
             h = self.kv.swap_out(plan.owner, src, list(plan.runs))
         else:
-            h = self.kv.swap_in(plan.owner, dst, list(plan.runs))
+            # issued lazily: the next forward pass that runs this owner drives
+            # the copies layer by layer (for_step issues them otherwise)
+            h = self.kv.swap_in(plan.owner, dst, list(plan.runs), lazy=self.lazy)
             self.pending[plan.owner] = h
         self.bytes[plan.direction] += h.nbytes
         self.count[plan.direction] += 1
@@ -34,10 +41,37 @@ class SwapEngine:
 
     def rename(self, old: str, new: str) -> None:
         if old in self.pending:
-            self.pending[new] = self.pending.pop(old)
+            h = self.pending.pop(old)
+            h.owner = new
+            self.pending[new] = h
 
     def waits_for(self, owner: str) -> SwapHandle | None:
         return self.pending.get(owner)
+
+    def has_unissued(self) -> bool:
+        return any(not h.fully_issued() for h in self.pending.values())
+
+    def for_step(self, owners: set[str], holds: Callable[[str, list[int]], bool],
+                 overlap: bool = True) -> list[SwapHandle]:
+        """Swap-ins this step's forward pass must wait for, layer by layer.
+
+        owners: the owners in this step's batch. holds(owner, blocks): whether
+        the owner still holds those device blocks. A swap-in of an owner that
+        does not run now is issued in full (a prefetch); if its owner let go of
+        some of its blocks meanwhile, compute waits for all of it, since those
+        blocks may be rewritten in this step. overlap=False: compute waits for
+        every swap-in in full before the step (the serial arrangement)."""
+        waits = []
+        for owner, h in list(self.pending.items()):
+            if owner in owners and overlap:
+                waits.append(h)
+            elif owner in owners:
+                h.settle()
+            else:
+                h.issue_all()
+                if not holds(owner, h.blocks):
+                    h.settle()
+        return waits
 
     def poll(self) -> None:
         """Drop finished handles; account their link time."""

@@ -5,25 +5,13 @@ import threading
 
 import openai
 import pytest
-from worker_harness import (answer_text, direct_generate, engine_config, gpu_blocks_total, gpu_blocks_used,
-                            prefilled_tokens, served, wait_for)
+from worker_harness import (answer_text, direct_generate, gpu_blocks_total, gpu_blocks_used, prefilled_tokens,
+                            wait_for)
 
 from agentcg.worker.control import ControlError, WorkerControl
-from agentcg.worker.engine import Engine
 from agentcg.worker.server import encode_text
 
 TURN_TOKENS = 16
-
-
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    with served(tmp_path_factory.mktemp("worker")) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return Engine(engine_config())
 
 
 @pytest.fixture

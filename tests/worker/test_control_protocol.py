@@ -22,26 +22,25 @@ def test_parse_request_validates_each_field():
     assert parse_request(b'{"v":1,"id":1,"op":"suspend","session":"s1"}')[2]["mode"] == "swap"
     assert parse_request(b'{"v":1,"id":2,"op":"shrink","bytes":"1M"}')[2] == {"nbytes": 1 << 20}
     assert parse_request(b'{"v":1,"id":3,"op":"grow","bytes":4096}')[2] == {"nbytes": 4096}
-    bad = [
-        (b"nope", "bad_json", "JSON"),
-        (b"[1]", "bad_request", "object"),
-        (b'{"v":2,"id":1,"op":"stats"}', "bad_version", "v:"),
-        (b'{"v":1,"id":1,"op":"explode"}', "unknown_op", "op:"),
-        (b'{"v":1,"id":1,"op":"suspend"}', "bad_request", "session:"),
-        (b'{"v":1,"id":1,"op":"suspend","session":"a b"}', "bad_request", "session:"),
-        (b'{"v":1,"id":1,"op":"suspend","session":"s","mode":"park"}', "bad_request", "mode:"),
-        (b'{"v":1,"id":1,"op":"suspend","session":"s","ttl_s":-1}', "bad_request", "ttl_s:"),
-        (b'{"v":1,"id":1,"op":"resume","session":5}', "bad_request", "session:"),
-        (b'{"v":1,"id":1,"op":"shrink"}', "bad_request", "bytes:"),
-        (b'{"v":1,"id":1,"op":"shrink","bytes":-5}', "bad_request", "bytes:"),
-        (b'{"v":1,"id":1,"op":"grow","bytes":"lots"}', "bad_request", "bytes:"),
-        (b'{"v":1,"id":1,"op":"grow","bytes":true}', "bad_request", "bytes:"),
-    ]
-    for line, code, needle in bad:
+
+    def line(**fields) -> bytes:
+        return json.dumps({"v": 1, "id": 1} | fields).encode()
+
+    # (request, error code, what the message names)
+    bad = [(b"nope", "bad_json", "JSON"), (b"[1]", "bad_request", "object"),
+           (line(v=2, op="stats"), "bad_version", "v:"), (line(op="explode"), "unknown_op", "op:")]
+    fields = {"session:": [dict(op="suspend"), dict(op="suspend", session="a b"), dict(op="resume", session=5)],
+              "mode:": [dict(op="suspend", session="s", mode="park")],
+              "ttl_s:": [dict(op="suspend", session="s", ttl_s=-1)],
+              "bytes:": [dict(op="shrink"), dict(op="shrink", bytes=-5), dict(op="grow", bytes="lots"),
+                         dict(op="grow", bytes=True)]}
+    bad += [(line(**f), "bad_request", needle) for needle, fs in fields.items() for f in fs]
+    assert len(bad) == 13
+    for raw, code, needle in bad:
         with pytest.raises(ControlError) as ei:
-            parse_request(line)
-        assert ei.value.code == code, line
-        assert needle in ei.value.message, (line, ei.value.message)
+            parse_request(raw)
+        assert ei.value.code == code, raw
+        assert needle in ei.value.message, (raw, ei.value.message)
 
 
 @pytest.fixture

@@ -8,27 +8,14 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from worker_harness import answer_text, direct_generate, engine_config, gpu_blocks_used, served, wait_for
+from worker_harness import answer_text, direct_generate, gpu_blocks_used, wait_for
 
-from agentcg.worker.engine import Engine
 from agentcg.worker.server import encode_text
 
 MESSAGES = [{"role": "system", "content": "You are terse."},
             {"role": "user", "content": "Name three prime numbers."}]
 PROMPT = "def fibonacci(n):"
 MAX_TOKENS = 24
-
-
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    with served(tmp_path_factory.mktemp("worker")) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def reference():
-    """A second engine with the same weights (same seed), driven directly."""
-    return Engine(engine_config())
 
 
 @pytest.fixture(scope="module")

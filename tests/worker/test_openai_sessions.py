@@ -2,24 +2,11 @@
 from __future__ import annotations
 
 import openai
-import pytest
-from worker_harness import answer_text, direct_generate, engine_config, prefilled_tokens, served
+from worker_harness import answer_text, direct_generate, prefilled_tokens
 
-from agentcg.worker.engine import Engine
 from agentcg.worker.server import encode_text
 
 TURN_TOKENS = 16
-
-
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    with served(tmp_path_factory.mktemp("worker")) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return Engine(engine_config())
 
 
 def test_second_turn_reuses_prefix_and_answers_like_a_fresh_run(worker, reference):
