@@ -257,6 +257,7 @@ async def serve(daemon: Daemon, *, teardown: bool = False, stop: asyncio.Event |
         await daemon.teardown()
     daemon.save()
     daemon.hooks.close()
+    daemon.journal.close()
     try:
         os.unlink(path)
     except FileNotFoundError:

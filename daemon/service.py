@@ -27,7 +27,7 @@ from agentcg.core.intents import (BudgetError, Intent, IntentError, call_limits,
 from agentcg.core.model import CallStats, Limits
 
 from .hooks import Hooks
-from .state import CallRecord, SessionRecord, load_state, state_json, write_atomic
+from .state import CallRecord, Journal, SessionRecord, load_state, state_json, write_atomic
 
 log = logging.getLogger("agentcg.daemon")
 
@@ -37,6 +37,8 @@ PLACEMENTS = ("pid", "clone_into")
 # call cgroups made ahead per session, off the request path (cgroup2 cannot rename
 # a directory, so a spare is made under the number of the next call: c-<n>)
 SPARE_CALL_CGROUPS = 1
+# journal lines after which the state file is rewritten (after a reply) and the journal emptied
+JOURNAL_COMPACT_LINES = 1000
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class Daemon:
         self._bg: ThreadPoolExecutor | None = None   # spare mkdir and ended rmdir off the loop
         self._starting: dict[tuple[str, int], str] = {}  # clone_into calls whose hooks run after the reply
         self._log_f = None
+        self.journal = Journal(self.cfg.state_file)
 
     # -- work after the reply ------------------------------------------------
     @staticmethod
@@ -208,13 +211,31 @@ class Daemon:
 
     # -- persistence & events ----------------------------------------------
     def save(self) -> None:
-        """Persist the state before a reply goes out, so that a crash right
-        after it cannot lose a started call. /run is tmpfs: a rename there
-        costs tens of microseconds."""
+        """Rewrite the state file (sessions and their running calls) and
+        empty the journal, before a reply that changed a session goes out,
+        so that a crash right after it loses nothing."""
         try:
             write_atomic(self.cfg.state_file, state_json(str(self.cgfs.root), self.sessions))
         except OSError as exc:
             log.error("cannot write state file %s: %s", self.cfg.state_file, exc)
+            return
+        try:
+            self.journal.truncate()
+        except OSError as exc:
+            log.error("cannot empty the journal %s: %s", self.journal.path, exc)
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """A call's start, pid or end: one line appended to the journal before
+        the reply (see daemon/state.py), instead of rewriting the state file.
+        Every JOURNAL_COMPACT_LINES the state file is rewritten after the reply."""
+        try:
+            self.journal.append(entry)
+        except OSError as exc:
+            log.error("cannot append to the journal %s: %s; writing the state file", self.journal.path, exc)
+            self.save()
+            return
+        if self.journal.lines == JOURNAL_COMPACT_LINES:
+            self.later(self.save)
 
     def emit(self, event: dict[str, Any]) -> None:
         event = {"time": time.time(), **event}
@@ -471,9 +492,9 @@ class Daemon:
             self.cgfs.remove(c.rel)
             raise p.ProtocolError(p.E_CGROUP, f"cannot set up {c.rel}: {exc}") from None
         s.calls[n] = c
-        # written before the reply: restore must tell a started call from an
+        # journaled before the reply: restore must tell a started call from an
         # empty spare even if the tool ran and exited while the daemon was down
-        self.save()
+        self.record({"op": "start", "call": c.to_dict()})
         self.later(self.refill_spares, s.name)
         reply = {"call": n, "cgroup": str(self.cgfs.path(c.rel)), "limits": limits.to_dict(),
                  "adjustments": [a.to_dict() for a in adjustments], "skipped_files": res["skipped"]}
@@ -542,6 +563,7 @@ class Daemon:
         c = s.calls.get(n) if s is not None else None
         if c is None:
             return
+        self.record({"op": "pid", "session": s.name, "n": n, "pid": c.pid})
         self.hooks.call_start(s, c, self.cgfs.path(c.rel))
         self.emit({"type": "call.start", "uid": s.uid, "session": s.name, "call": n, "name": c.name,
                    "pid": c.pid, "placement": placed, "intent": c.intent.to_dict(),
@@ -647,7 +669,7 @@ class Daemon:
             log.info("call %s kept with %d processes; removed when they exit", rel, stragglers)
         s.calls.pop(c.n, None)
         s.calls_done += 1
-        self.save()
+        self.record({"op": "end", "session": s.name, "n": c.n, "done": s.calls_done})
         result = {"session": s.name, "call": c.n, "name": c.name, "uid": c.uid, "exit_status": exit_status,
                   "stats": stats.to_dict(), "limits": c.limits.to_dict(),
                   "feedback": [f.to_dict() for f in items], "cgroup_removed": removed, "reason": reason}
