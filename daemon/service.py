@@ -110,6 +110,7 @@ class Daemon:
         self._starting: dict[tuple[str, int], str] = {}  # clone_into calls whose hooks run after the reply
         self._log_f = None
         self.journal = Journal(self.cfg.state_file)
+        self._stat_fds: dict[str, dict[str, int]] = {}   # call cgroup -> its accounting files, opened ahead
 
     # -- work after the reply ------------------------------------------------
     @staticmethod
@@ -140,13 +141,15 @@ class Daemon:
             self._bg = ThreadPoolExecutor(1, thread_name_prefix="agentcgd-io")
         return loop.run_in_executor(self._bg, fn, *args)
 
-    def _mkdir(self, rel: str) -> bool:
+    def _mkdir(self, rel: str) -> dict[str, int] | None:
+        """Make a spare call cgroup and open its accounting files (the call's
+        end then reads each with one pread); None if it cannot be made."""
         try:
             self.cgfs.create(rel)
-            return True
         except OSError as exc:
             log.warning("cannot make a spare call cgroup %s: %s", rel, exc)
-            return False
+            return None
+        return self.cgfs.open_stats(rel)
 
     def refill_spares(self, name: str) -> None:
         """Make the session's next call cgroup ahead, in the worker thread. A
@@ -165,6 +168,7 @@ class Daemon:
             try:
                 if isinstance(fut, asyncio.Future):
                     await fut
+                self.cgfs.close_fds(fut.result())
             except Exception:
                 pass
 
@@ -177,9 +181,17 @@ class Daemon:
         if not ok:
             self.lingering.add(rel)   # busy: the watch retries
 
+    def _close_and_remove(self, rel: str, fds: dict[str, int] | None) -> bool:
+        self.cgfs.close_fds(fds)
+        return self.cgfs.remove(rel)
+
     def remove_ended(self, rel: str) -> None:
         """rmdir an ended call's cgroup after its reply went out, in the worker thread."""
-        self.background(self.cgfs.remove, rel).add_done_callback(lambda f: self._removed(rel, f))
+        fds = self._stat_fds.pop(rel, None)
+        self.background(self._close_and_remove, rel, fds).add_done_callback(lambda f: self._removed(rel, f))
+
+    def _forget_fds(self, rel: str) -> None:
+        self.cgfs.close_fds(self._stat_fds.pop(rel, None))
 
     async def spare_settled(self, name: Any) -> None:
         """Wait for the session's next spare to be made (call.start takes it)."""
@@ -192,17 +204,21 @@ class Daemon:
 
     def _new_call_dir(self, s: SessionRecord) -> int:
         """The number of a fresh, empty call cgroup: the spare made ahead if
-        there is one, else made now (under the spare's number if its mkdir
-        has not finished, so that calls stay numbered in order)."""
+        there is one (its accounting files open in _stat_fds), else made now
+        (under the spare's number if its mkdir has not finished, so that calls
+        stay numbered in order)."""
         spares = self.spares.get(s.name)
         if spares:
             n, fut = spares.pop(0)
             try:
-                made = fut.done() and fut.result()
+                fds = fut.result() if fut.done() else None
             except Exception:
-                made = False
-            if made and self.cgfs.exists(f"{s.rel}/c-{n}"):
-                return n
+                fds = None
+            if fds is not None:
+                if self.cgfs.exists(f"{s.rel}/c-{n}"):
+                    self._stat_fds[f"{s.rel}/c-{n}"] = fds
+                    return n
+                self.cgfs.close_fds(fds)
         else:
             n = s.next_call
             s.next_call += 1
@@ -486,9 +502,11 @@ class Daemon:
             else:
                 fd = self.cgfs.open_dir(c.rel)
         except ProcessLookupError:
+            self._forget_fds(c.rel)
             self.cgfs.remove(c.rel)
             raise p.ProtocolError(p.E_BAD_PID, f"pid: {pid} exited before it was placed") from None
         except OSError as exc:
+            self._forget_fds(c.rel)
             self.cgfs.remove(c.rel)
             raise p.ProtocolError(p.E_CGROUP, f"cannot set up {c.rel}: {exc}") from None
         s.calls[n] = c
@@ -639,13 +657,14 @@ class Daemon:
         if (s.name, c.n) in self._starting:
             self._call_started(s.name, c.n)
         rel = c.rel
+        fds = self._stat_fds.get(rel)
         stragglers = 0
         action = None
         policy = "kill" if force_kill else self.cfg.straggler_policy
-        if self.cgfs.populated(rel):
+        if self.cgfs.populated(rel, fds):
             if policy == "kill" and not force_kill:
                 deadline = time.monotonic() + self.cfg.straggler_grace_ms / 1000
-                while self.cgfs.populated(rel) and time.monotonic() < deadline:
+                while self.cgfs.populated(rel, fds) and time.monotonic() < deadline:
                     await asyncio.sleep(0.01)
             left = self.cgfs.procs(rel)
             if left:
@@ -654,11 +673,11 @@ class Daemon:
                     self.cgfs.kill(rel, f"call {c.n} ended ({reason}): {stragglers} stragglers")
                     action = "killed"
                     deadline = time.monotonic() + 5.0
-                    while self.cgfs.populated(rel) and time.monotonic() < deadline:
+                    while self.cgfs.populated(rel, fds) and time.monotonic() < deadline:
                         await asyncio.sleep(0.005)
                 else:
                     action = "kept"
-        raw = self.cgfs.read_stats(rel)
+        raw = self.cgfs.read_stats(rel, fds)
         wall_ns = time.monotonic_ns() - c.start_ns
         extra = self.hooks.call_end(s, c, self.cgfs.path(rel))
         stats = CallStats(wall_ns=wall_ns, stragglers=stragglers, stragglers_action=action, extra=extra,
@@ -677,6 +696,7 @@ class Daemon:
         while len(self.finished) > self.cfg.finished_keep:
             self.finished.pop(next(iter(self.finished)))
         if action == "kept":
+            self._forget_fds(rel)
             self.lingering.add(rel)
         else:
             self.later(self.remove_ended, rel)
@@ -699,7 +719,7 @@ class Daemon:
             try:
                 for s in list(self.sessions.values()):
                     for c in list(s.calls.values()):
-                        if c.conn is None and not self.cgfs.populated(c.rel):
+                        if c.conn is None and not self.cgfs.populated(c.rel, self._stat_fds.get(c.rel)):
                             await self.finalise(s, c, exit_status=None,
                                                 reason="processes exited; client gone")
                 for rel in list(self.lingering):
