@@ -119,7 +119,10 @@ class Prepared:
         self.argv = list(argv)
         self.path = os.fsencode(prog)
         self.c_argv = _cstr_array([os.fsencode(a) for a in argv])
-        self.c_envp = _cstr_array([os.fsencode(k) + b"=" + os.fsencode(v) for k, v in environ.items()])
+        if env is None and os.supports_bytes_environ:   # already encoded: no fsencode per variable
+            self.c_envp = _cstr_array([k + b"=" + v for k, v in os.environb.items()])
+        else:
+            self.c_envp = _cstr_array([os.fsencode(k) + b"=" + os.fsencode(v) for k, v in environ.items()])
         self.cwd = os.fsencode(os.fspath(cwd)) if cwd is not None else None
         self.pass_fds = sorted({int(fd) for fd in pass_fds if int(fd) > 2})
         # stdio: private close-on-exec copies, dup2'ed onto 0-2 in the child

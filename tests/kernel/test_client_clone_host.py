@@ -148,6 +148,7 @@ def test_spawn_paths_agree_on_cgroup_fds_cwd_and_signals(use_posix_spawn, tmp_pa
     closed, the cwd set, SIGPIPE and SIGXFSZ back to their defaults."""
     from agentcg.client import _clone
     monkeypatch.setattr(_clone, "USE_POSIX_SPAWN", use_posix_spawn)
+    monkeypatch.setenv("AGENTCG_SPAWN_T", "x=é")     # the caller's environment, as it is now
     mount = Path(require_cgroup2())
     cg = mount / f"agentcg-spawn-{os.getpid()}"
     cg.mkdir()
@@ -157,7 +158,7 @@ def test_spawn_paths_agree_on_cgroup_fds_cwd_and_signals(use_posix_spawn, tmp_pa
     cg_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
     out = tmp_path / "out.txt"
     try:
-        script = 'cat /proc/self/cgroup; echo fds; ls /proc/$$/fd; echo end; pwd; grep SigIgn /proc/$$/status; exit 3'
+        script = 'cat /proc/self/cgroup; echo fds; ls /proc/$$/fd; echo end; pwd; grep SigIgn /proc/$$/status; echo "env $AGENTCG_SPAWN_T"; exit 3'
         with open(out, "w") as f:
             prep = _clone.Prepared(["sh", "-c", script], stdout=f, cwd=str(tmp_path), pass_fds=[keep_w])
             try:
@@ -170,7 +171,7 @@ def test_spawn_paths_agree_on_cgroup_fds_cwd_and_signals(use_posix_spawn, tmp_pa
         assert mount.as_posix() + [ln for ln in lines if ln.startswith("0::")][0][3:] == str(cg)
         fds = lines[lines.index("fds") + 1:lines.index("end")]
         assert sorted(fds, key=int) == ["0", "1", "2", str(keep_w)]
-        assert str(tmp_path) in lines
+        assert str(tmp_path) in lines and "env x=é" in lines
         ignored = int([ln for ln in lines if ln.startswith("SigIgn:")][0].split()[1], 16)
         assert not ignored & (1 << (signal.SIGPIPE - 1)) and not ignored & (1 << (signal.SIGXFSZ - 1))
         # a program that cannot be executed: exit 127 and its errno, whichever path
