@@ -121,15 +121,19 @@ def _peer(writer: asyncio.StreamWriter, conn: int) -> Peer:
     return Peer(pid=pid, uid=uid, gid=gid, conn=conn)
 
 
-async def send_with_fds(writer: asyncio.StreamWriter, data: bytes, fds: list[int]) -> None:
+async def send_with_fds(writer: asyncio.StreamWriter, data: bytes, fds: list[int],
+                        raw: socket.socket | None = None) -> None:
     """Write `data` with `fds` attached (SCM_RIGHTS) to its first byte, in
-    order with what the transport already queued."""
+    order with what the transport already queued. `raw`: a socket object on
+    a dup of the connection's descriptor (made here and closed when None)."""
     transport = writer.transport
     while transport.get_write_buffer_size():
         await writer.drain()
         if transport.get_write_buffer_size():
             await asyncio.sleep(0.001)
-    raw = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+    own = raw is None
+    if own:
+        raw = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
     try:
         while True:
             try:
@@ -138,7 +142,8 @@ async def send_with_fds(writer: asyncio.StreamWriter, data: bytes, fds: list[int
             except BlockingIOError:
                 await asyncio.sleep(0.001)
     finally:
-        raw.close()
+        if own:
+            raw.close()
     if sent < len(data):
         writer.write(data[sent:])
 
@@ -150,7 +155,7 @@ class Server:
         self._conns = itertools.count(1)
 
     async def _send(self, writer: asyncio.StreamWriter, msg: dict[str, Any],
-                    fds: list[int] | None = None) -> None:
+                    fds: list[int] | None = None, raw: socket.socket | None = None) -> None:
         try:
             data = p.encode(msg, self.max_bytes)
         except p.MessageTooLarge:
@@ -158,7 +163,7 @@ class Server:
                                           f"reply longer than {self.max_bytes} bytes"), self.max_bytes)
             fds = None
         if fds:
-            await send_with_fds(writer, data, fds)
+            await send_with_fds(writer, data, fds, raw)
         else:
             writer.write(data)
         await writer.drain()
@@ -170,6 +175,7 @@ class Server:
         except OSError:
             writer.close()
             return
+        raw: socket.socket | None = None   # for replies that carry fds, made at the first
         try:
             while True:
                 try:
@@ -194,7 +200,9 @@ class Server:
                     fds = reply.pop("_fds", None)
                     if fds:
                         try:
-                            await self._send(writer, reply, fds)
+                            if raw is None:
+                                raw = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+                            await self._send(writer, reply, fds, raw)
                         finally:
                             for fd in fds:
                                 os.close(fd)
@@ -209,6 +217,8 @@ class Server:
             pass
         finally:
             self.daemon.connection_closed(conn)
+            if raw is not None:
+                raw.close()
             try:
                 writer.close()
             except Exception:

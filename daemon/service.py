@@ -106,7 +106,7 @@ class Daemon:
         self.lingering: set[str] = set()        # kept call cgroups waiting for their stragglers
         # session -> [(n, future)] of empty c-<n> made ahead (future: True once made)
         self.spares: dict[str, list[tuple[int, Any]]] = {}
-        self._bg: ThreadPoolExecutor | None = None   # spare mkdir and ended rmdir off the loop
+        self._bg: ThreadPoolExecutor | None = None   # spare mkdir off the loop
         self._starting: dict[tuple[str, int], str] = {}  # clone_into calls whose hooks run after the reply
         self._log_f = None
         self.journal = Journal(self.cfg.state_file)
@@ -125,7 +125,8 @@ class Daemon:
 
     def background(self, fn: Any, *args: Any) -> Any:
         """Run a blocking cgroupfs/file operation in the daemon's one worker
-        thread (the kernel work overlaps the loop's); an awaitable future.
+        thread (the kernel work overlaps the loop's: a spare's mkdir, which
+        allocates every controller's state); an awaitable future.
         Without a running loop it runs now and returns a done future."""
         try:
             loop = asyncio.get_running_loop()
@@ -172,23 +173,18 @@ class Daemon:
             except Exception:
                 pass
 
-    def _removed(self, rel: str, fut: Any) -> None:
+    def remove_ended(self, rel: str) -> None:
+        """rmdir an ended call's cgroup after its reply went out (on the loop:
+        an rmdir of an empty cgroup costs less than a hop to the worker thread
+        and back; the kernel frees the cgroup's state asynchronously)."""
+        self.cgfs.close_fds(self._stat_fds.pop(rel, None))
         try:
-            ok = fut.result()
-        except Exception as exc:
+            ok = self.cgfs.remove(rel)
+        except OSError as exc:
             log.warning("cannot remove %s: %s; retrying", rel, exc)
             ok = False
         if not ok:
             self.lingering.add(rel)   # busy: the watch retries
-
-    def _close_and_remove(self, rel: str, fds: dict[str, int] | None) -> bool:
-        self.cgfs.close_fds(fds)
-        return self.cgfs.remove(rel)
-
-    def remove_ended(self, rel: str) -> None:
-        """rmdir an ended call's cgroup after its reply went out, in the worker thread."""
-        fds = self._stat_fds.pop(rel, None)
-        self.background(self._close_and_remove, rel, fds).add_done_callback(lambda f: self._removed(rel, f))
 
     def _forget_fds(self, rel: str) -> None:
         self.cgfs.close_fds(self._stat_fds.pop(rel, None))
