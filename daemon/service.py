@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -34,8 +33,8 @@ log = logging.getLogger("agentcg.daemon")
 SESSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 CALL_DIR_RE = re.compile(r"^c-(\d+)$")
 PLACEMENTS = ("pid", "clone_into")
-# call cgroups made ahead per session, off the request path (cgroup2 cannot rename
-# a directory, so a spare is made under the number of the next call: c-<n>)
+# call cgroups made ahead per session, after a reply (cgroup2 cannot rename a
+# directory, so a spare is made under the number of the next call: c-<n>)
 SPARE_CALL_CGROUPS = 1
 # journal lines after which the state file is rewritten (after a reply) and the journal emptied
 JOURNAL_COMPACT_LINES = 1000
@@ -104,9 +103,8 @@ class Daemon:
         self.enabled_controllers: set[str] = set()
         self._finalising: set[tuple[str, int]] = set()
         self.lingering: set[str] = set()        # kept call cgroups waiting for their stragglers
-        # session -> [(n, future)] of empty c-<n> made ahead (future: True once made)
-        self.spares: dict[str, list[tuple[int, Any]]] = {}
-        self._bg: ThreadPoolExecutor | None = None   # spare mkdir off the loop
+        # session -> [(n, its accounting files' fds)] of empty c-<n> made ahead
+        self.spares: dict[str, list[tuple[int, dict[str, int]]]] = {}
         self._starting: dict[tuple[str, int], str] = {}  # clone_into calls whose hooks run after the reply
         self._log_f = None
         self.journal = Journal(self.cfg.state_file)
@@ -123,25 +121,6 @@ class Daemon:
         except RuntimeError:
             fn(*args)
 
-    def background(self, fn: Any, *args: Any) -> Any:
-        """Run a blocking cgroupfs/file operation in the daemon's one worker
-        thread (the kernel work overlaps the loop's: a spare's mkdir, which
-        allocates every controller's state); an awaitable future.
-        Without a running loop it runs now and returns a done future."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            import concurrent.futures
-            fut: Any = concurrent.futures.Future()
-            try:
-                fut.set_result(fn(*args))
-            except Exception as exc:
-                fut.set_exception(exc)
-            return fut
-        if self._bg is None:
-            self._bg = ThreadPoolExecutor(1, thread_name_prefix="agentcgd-io")
-        return loop.run_in_executor(self._bg, fn, *args)
-
     def _mkdir(self, rel: str) -> dict[str, int] | None:
         """Make a spare call cgroup and open its accounting files (the call's
         end then reads each with one pread); None if it cannot be made."""
@@ -153,25 +132,26 @@ class Daemon:
         return self.cgfs.open_stats(rel)
 
     def refill_spares(self, name: str) -> None:
-        """Make the session's next call cgroup ahead, in the worker thread. A
-        crash leaves at most an empty c-<n> without a record: restore removes it."""
+        """Make the session's next call cgroup ahead, after the reply that
+        took the last one (on the loop: the client is starting its command
+        meanwhile; a hop to a worker thread and back costs more than the
+        mkdir). A crash leaves at most an empty c-<n> without a record:
+        restore removes it."""
         s = self.sessions.get(name)
         if s is None:
             return
         spares = self.spares.setdefault(name, [])
         while len(spares) < SPARE_CALL_CGROUPS:
             n = s.next_call
+            fds = self._mkdir(f"{s.rel}/c-{n}")
+            if fds is None:
+                return            # made at call.start instead
             s.next_call = n + 1
-            spares.append((n, self.background(self._mkdir, f"{s.rel}/c-{n}")))
+            spares.append((n, fds))
 
-    async def _spares_settled(self, name: str) -> None:
-        for _n, fut in self.spares.pop(name, []):
-            try:
-                if isinstance(fut, asyncio.Future):
-                    await fut
-                self.cgfs.close_fds(fut.result())
-            except Exception:
-                pass
+    def _drop_spares(self, name: str) -> None:
+        for _n, fds in self.spares.pop(name, []):
+            self.cgfs.close_fds(fds)
 
     def remove_ended(self, rel: str) -> None:
         """rmdir an ended call's cgroup after its reply went out (on the loop:
@@ -189,32 +169,18 @@ class Daemon:
     def _forget_fds(self, rel: str) -> None:
         self.cgfs.close_fds(self._stat_fds.pop(rel, None))
 
-    async def spare_settled(self, name: Any) -> None:
-        """Wait for the session's next spare to be made (call.start takes it)."""
-        spares = self.spares.get(name) if isinstance(name, str) else None
-        if spares and isinstance(spares[0][1], asyncio.Future) and not spares[0][1].done():
-            try:
-                await spares[0][1]
-            except Exception:
-                pass
-
     def _new_call_dir(self, s: SessionRecord) -> int:
         """The number of a fresh, empty call cgroup: the spare made ahead if
-        there is one (its accounting files open in _stat_fds), else made now
-        (under the spare's number if its mkdir has not finished, so that calls
-        stay numbered in order)."""
+        there is one (its accounting files go to _stat_fds), else made now
+        (under the spare's number if it vanished, so that calls stay
+        numbered in order)."""
         spares = self.spares.get(s.name)
         if spares:
-            n, fut = spares.pop(0)
-            try:
-                fds = fut.result() if fut.done() else None
-            except Exception:
-                fds = None
-            if fds is not None:
-                if self.cgfs.exists(f"{s.rel}/c-{n}"):
-                    self._stat_fds[f"{s.rel}/c-{n}"] = fds
-                    return n
-                self.cgfs.close_fds(fds)
+            n, fds = spares.pop(0)
+            if self.cgfs.exists(f"{s.rel}/c-{n}"):
+                self._stat_fds[f"{s.rel}/c-{n}"] = fds
+                return n
+            self.cgfs.close_fds(fds)
         else:
             n = s.next_call
             s.next_call += 1
@@ -339,8 +305,6 @@ class Daemon:
     async def handle(self, msg: dict[str, Any], peer: Peer) -> dict[str, Any]:
         rid, op = p.check_request(msg)
         fn = getattr(self, "op_" + op.replace(".", "_"))
-        if op == "call.start":
-            await self.spare_settled(msg.get("session"))
         try:
             result = fn(msg, peer)
             if asyncio.iscoroutine(result):
@@ -459,7 +423,7 @@ class Daemon:
                 except OSError as exc:
                     log.warning("cannot move agent pid %d back to %s: %s", pid, target, exc)
         self.hooks.session_end(s, self.cgfs.path(s.rel))
-        await self._spares_settled(s.name)
+        self._drop_spares(s.name)
         removed = self.cgfs.remove_tree(s.rel)
         del self.sessions[s.name]
         self.save()
@@ -732,7 +696,7 @@ class Daemon:
             if self.cgfs.populated(s.rel):
                 self.cgfs.kill(s.rel, "daemon teardown")
                 self.cgfs.wait_unpopulated(s.rel, 5.0)
-            await self._spares_settled(s.name)
+            self._drop_spares(s.name)
             self.cgfs.remove_tree(s.rel)
             del self.sessions[s.name]
         self.save()
