@@ -520,7 +520,13 @@ class Daemon:
         return {"call": n, "pid": pid, "placement": placed}
 
     def _in_cgroup(self, pid: int, rel: str) -> bool:
-        """Whether pid (alive or a zombie: /proc/<pid>/cgroup still names it) is in rel."""
+        """Whether pid (alive or a zombie: /proc/<pid>/cgroup still names it) is in rel.
+        First through the call's cgroup.procs opened ahead (one pread, lists the
+        living); /proc/<pid>/cgroup (which waits for the kernel's cgroup mutex,
+        busy right after a clone into a cgroup or an rmdir) for the rest."""
+        fds = self._stat_fds.get(rel)
+        if fds is not None and pid in self.cgfs.procs(rel, fds):
+            return True
         cg = pid_cgroup(pid)
         if cg is None:
             return False

@@ -23,7 +23,8 @@ from typing import Any, Iterable
 
 GONE_ERRNOS = (errno.ENOENT, errno.ENODEV)
 # what read_stats and populated read: opened ahead for a spare call cgroup (open_stats)
-STAT_FILES = ("cgroup.events", "cpu.stat", "memory.peak", "memory.current", "memory.events",
+# (and cgroup.procs: whether a pid named by the client is inside)
+STAT_FILES = ("cgroup.events", "cgroup.procs", "cpu.stat", "memory.peak", "memory.current", "memory.events",
               "pids.peak", "pids.events", "io.stat")
 MANAGED_CONTROLLERS = ("cpu", "memory", "pids", "io")
 
@@ -142,9 +143,15 @@ def parse_proc_cgroup(text: str) -> str | None:
 
 def pid_cgroup(pid: int | str = "self") -> str | None:
     try:
-        return parse_proc_cgroup(Path(f"/proc/{pid}/cgroup").read_text())
+        fd = os.open(f"/proc/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        return parse_proc_cgroup(os.read(fd, 65536).decode())
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def mount_of(path: str | Path, proc_mounts: str | Path = "/proc/self/mounts") -> str | None:
@@ -277,8 +284,8 @@ class CgroupFs:
     def subtree_control(self, rel: str = "") -> set[str]:
         return set((self.read(rel, "cgroup.subtree_control") or "").split())
 
-    def procs(self, rel: str) -> list[int]:
-        text = self.read(rel, "cgroup.procs")
+    def procs(self, rel: str, fds: dict[str, int] | None = None) -> list[int]:
+        text = self.read(rel, "cgroup.procs", fds)
         return [int(x) for x in text.split()] if text else []
 
     def events(self, rel: str, fds: dict[str, int] | None = None) -> dict[str, int] | None:
