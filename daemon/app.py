@@ -74,6 +74,22 @@ def choose_root(config: Config, environ: dict[str, str], own_cgroup: str | None,
     return config.daemon.cgroup_root, False
 
 
+def raise_fd_limit() -> int:
+    """Each spare call cgroup and running call keeps its accounting files
+    open (about 10 descriptors): take the hard limit as the soft one (systemd
+    starts services with a soft limit of 1024). Returns the soft limit now."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if want > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            return want
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, want, exc)
+    return soft
+
+
 def prepare(config: Config, environ: dict[str, str] | None = None) -> Daemon:
     environ = dict(os.environ if environ is None else environ)
     info = detect_hierarchy()
@@ -315,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(config, daemon=dataclasses.replace(config.daemon, **over))
     logging.basicConfig(level=(args.log_level or config.daemon.log_level).upper(),
                         format="agentcgd %(levelname)s %(name)s: %(message)s")
+    raise_fd_limit()
     try:
         daemon = prepare(config)
     except StartupError as exc:

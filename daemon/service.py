@@ -103,11 +103,12 @@ class Daemon:
         self.enabled_controllers: set[str] = set()
         self._finalising: set[tuple[str, int]] = set()
         self.lingering: set[str] = set()        # kept call cgroups waiting for their stragglers
-        # session -> [(n, its accounting files' fds)] of empty c-<n> made ahead
-        self.spares: dict[str, list[tuple[int, dict[str, int]]]] = {}
+        # session -> numbers n of the empty c-<n> made ahead
+        self.spares: dict[str, list[int]] = {}
         self._starting: dict[tuple[str, int], str] = {}  # clone_into calls whose hooks run after the reply
         self._log_f = None
         self.journal = Journal(self.cfg.state_file)
+        self._compacting = False
         self._stat_fds: dict[str, dict[str, int]] = {}   # call cgroup -> its accounting files, opened ahead
 
     # -- work after the reply ------------------------------------------------
@@ -121,15 +122,18 @@ class Daemon:
         except RuntimeError:
             fn(*args)
 
-    def _mkdir(self, rel: str) -> dict[str, int] | None:
+    def _mkdir(self, rel: str) -> bool:
         """Make a spare call cgroup and open its accounting files (the call's
-        end then reads each with one pread); None if it cannot be made."""
+        end then reads each with one pread); False if it cannot be made."""
         try:
             self.cgfs.create(rel)
         except OSError as exc:
             log.warning("cannot make a spare call cgroup %s: %s", rel, exc)
-            return None
-        return self.cgfs.open_stats(rel)
+            return False
+        fds = self.cgfs.open_stats(rel)
+        if fds is not None:
+            self._stat_fds[rel] = fds
+        return True
 
     def refill_spares(self, name: str) -> None:
         """Make the session's next call cgroup ahead, after the reply that
@@ -143,15 +147,16 @@ class Daemon:
         spares = self.spares.setdefault(name, [])
         while len(spares) < SPARE_CALL_CGROUPS:
             n = s.next_call
-            fds = self._mkdir(f"{s.rel}/c-{n}")
-            if fds is None:
+            if not self._mkdir(f"{s.rel}/c-{n}"):
                 return            # made at call.start instead
             s.next_call = n + 1
-            spares.append((n, fds))
+            spares.append(n)
 
     def _drop_spares(self, name: str) -> None:
-        for _n, fds in self.spares.pop(name, []):
-            self.cgfs.close_fds(fds)
+        s = self.sessions.get(name)
+        for n in self.spares.pop(name, []):
+            if s is not None:
+                self._forget_fds(f"{s.rel}/c-{n}")
 
     def remove_ended(self, rel: str) -> None:
         """rmdir an ended call's cgroup after its reply went out (on the loop:
@@ -171,16 +176,15 @@ class Daemon:
 
     def _new_call_dir(self, s: SessionRecord) -> int:
         """The number of a fresh, empty call cgroup: the spare made ahead if
-        there is one (its accounting files go to _stat_fds), else made now
+        there is one (its accounting files open in _stat_fds), else made now
         (under the spare's number if it vanished, so that calls stay
         numbered in order)."""
         spares = self.spares.get(s.name)
         if spares:
-            n, fds = spares.pop(0)
+            n = spares.pop(0)
             if self.cgfs.exists(f"{s.rel}/c-{n}"):
-                self._stat_fds[f"{s.rel}/c-{n}"] = fds
                 return n
-            self.cgfs.close_fds(fds)
+            self._forget_fds(f"{s.rel}/c-{n}")
         else:
             n = s.next_call
             s.next_call += 1
@@ -212,8 +216,13 @@ class Daemon:
             log.error("cannot append to the journal %s: %s; writing the state file", self.journal.path, exc)
             self.save()
             return
-        if self.journal.lines == JOURNAL_COMPACT_LINES:
-            self.later(self.save)
+        if self.journal.lines >= JOURNAL_COMPACT_LINES and not self._compacting:
+            self._compacting = True
+            self.later(self._compact)
+
+    def _compact(self) -> None:
+        self._compacting = False
+        self.save()
 
     def emit(self, event: dict[str, Any]) -> None:
         event = {"time": time.time(), **event}

@@ -213,17 +213,22 @@ class CgroupFs:
         return self.root / rel if rel else self.root
 
     # -- reading --------------------------------------------------------
-    def open_stats(self, rel: str) -> dict[str, int]:
+    def open_stats(self, rel: str) -> dict[str, int] | None:
         """Descriptors of the cgroup's STAT_FILES that exist, opened ahead (a
         spare call cgroup, off the request path): `read(..., fds=)` then costs
         one pread each. A file missing now (its controller is not enabled
-        here) is taken as missing later too. The caller closes them (close_fds)."""
+        here) is taken as missing later too. None when one cannot be opened
+        for another reason (out of descriptors): read by path then. The
+        caller closes them (close_fds)."""
         fds: dict[str, int] = {}
         for name in STAT_FILES:
             try:
                 fds[name] = os.open(self._f(rel, name), os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                pass
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    self.close_fds(fds)
+                    self.log.warning("cannot open %s of %s ahead (%s); read by path", name, rel or ".", exc)
+                    return None
         return fds
 
     @staticmethod

@@ -342,3 +342,28 @@ def test_restart_without_state_adopts_the_tree(daemon):
     assert r.exit_status == 2 and r.stats["wall_ns"] >= 900_000_000
     assert gone_soon(daemon.root / "s-adopt" / f"c-{h.number}")
     s.end()
+
+
+def test_descriptors_opened_ahead_for_calls_are_closed(daemon):
+    """A spare call cgroup's accounting files are opened when it is made and
+    closed when its call ends, when the session ends with it unused, and
+    when a call's processes are kept: the daemon holds no more after."""
+    fd_dir = Path(f"/proc/{daemon.proc.pid}/fd")
+    c = Client(daemon.socket)
+    s = c.session("fds")
+    s.run(["true"])                                    # the first spare is in use
+    before = len(os.listdir(fd_dir))
+    for _ in range(30):
+        assert s.run(["true"]).exit_status == 0
+    h = s.tool_call("err").popen(["sh", "-c", "exit 3"])
+    assert h.wait().exit_status == 3
+    assert len(os.listdir(fd_dir)) == before
+    s.end()
+    c2 = Client(daemon.socket)
+    s2 = c2.session("fds2")
+    s2.end()
+    c.close()
+    c2.close()
+    time.sleep(0.2)
+    after = len(os.listdir(fd_dir))
+    assert after < before, (before, after)           # both sessions' spares and both connections are gone
