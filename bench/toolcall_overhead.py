@@ -7,9 +7,10 @@ Per call, each method runs /bin/true and waits for it:
   wrapper  a bash wrapper per call: mkdir a cgroup, move a subshell into it
            (echo $BASHPID > cgroup.procs), exec /bin/true, rmdir
   daemon   agentcgd through the stdlib client as it comes: call.start (the
-           tool-call cgroup, made ahead; with root and clone3 the child is
-           born inside it through CLONE_INTO_CGROUP, then call.started), run,
-           call.end (collect stats; the cgroup is removed after the reply)
+           tool-call cgroup, made ahead; as root the child is born inside it
+           through CLONE_INTO_CGROUP: posix_spawn where the C library offers
+           it, glibc >= 2.39, else clone3; then call.started), run, call.end
+           (collect stats; the cgroup is removed after the reply)
   daemon_pid  the same daemon with the client's clone_into off: a waiting
            child is moved into the cgroup by the daemon before it execs
   systemd  systemd-run --scope /bin/true (only where systemd is PID 1)
@@ -90,6 +91,7 @@ def environment(mode: str, root: Path) -> dict:
         "cgroup_root": str(root),
         "controllers": controllers,
         "python": platform.python_version(),
+        "libc": " ".join(platform.libc_ver()),
         "systemd": systemd_running(),
     }
 
@@ -188,6 +190,23 @@ class Daemon:
 
         self.timing = False
         self.client.request = timed_request
+        # the child's start (clone_into: posix_spawn or clone3 into the call cgroup)
+        from agentcg.client import _clone
+        self.request_ns["spawn"] = []
+        plain_spawn = _clone.spawn
+
+        def timed_spawn(prep, cgroup_fd):
+            t0 = time.perf_counter_ns()
+            try:
+                proc = plain_spawn(prep, cgroup_fd)
+            finally:
+                if self.timing:
+                    self.request_ns["spawn"].append(time.perf_counter_ns() - t0)
+            self.spawn_how = getattr(proc, "how", None)
+            return proc
+
+        self.spawn_how = None
+        _clone.spawn = timed_spawn
         self._session_cm = self.client.session("bench")
         self.session = self._session_cm.__enter__()
 
@@ -355,6 +374,7 @@ def run(args: argparse.Namespace) -> dict:
     result["daemon_placement"] = placement
     daemon = next((m for m in methods if m.name == "daemon"), None)
     if daemon is not None:
+        result["daemon_spawn"] = daemon.spawn_how
         for op, s in daemon.request_ns.items():
             if not s:
                 continue

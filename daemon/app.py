@@ -78,6 +78,22 @@ def choose_root(config: Config, environ: dict[str, str], own_cgroup: str | None,
     return config.daemon.cgroup_root, False
 
 
+def raise_fd_limit() -> int:
+    """Each spare call cgroup and running call keeps its accounting files
+    open (about 10 descriptors): take the hard limit as the soft one (systemd
+    starts services with a soft limit of 1024). Returns the soft limit now."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if want > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            return want
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, want, exc)
+    return soft
+
+
 def prepare(config: Config, environ: dict[str, str] | None = None) -> Daemon:
     environ = dict(os.environ if environ is None else environ)
     info = detect_hierarchy()
@@ -125,15 +141,19 @@ def _peer(writer: asyncio.StreamWriter, conn: int) -> Peer:
     return Peer(pid=pid, uid=uid, gid=gid, conn=conn)
 
 
-async def send_with_fds(writer: asyncio.StreamWriter, data: bytes, fds: list[int]) -> None:
+async def send_with_fds(writer: asyncio.StreamWriter, data: bytes, fds: list[int],
+                        raw: socket.socket | None = None) -> None:
     """Write `data` with `fds` attached (SCM_RIGHTS) to its first byte, in
-    order with what the transport already queued."""
+    order with what the transport already queued. `raw`: a socket object on
+    a dup of the connection's descriptor (made here and closed when None)."""
     transport = writer.transport
     while transport.get_write_buffer_size():
         await writer.drain()
         if transport.get_write_buffer_size():
             await asyncio.sleep(0.001)
-    raw = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+    own = raw is None
+    if own:
+        raw = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
     try:
         while True:
             try:
@@ -142,7 +162,8 @@ async def send_with_fds(writer: asyncio.StreamWriter, data: bytes, fds: list[int
             except BlockingIOError:
                 await asyncio.sleep(0.001)
     finally:
-        raw.close()
+        if own:
+            raw.close()
     if sent < len(data):
         writer.write(data[sent:])
 
@@ -154,7 +175,7 @@ class Server:
         self._conns = itertools.count(1)
 
     async def _send(self, writer: asyncio.StreamWriter, msg: dict[str, Any],
-                    fds: list[int] | None = None) -> None:
+                    fds: list[int] | None = None, raw: socket.socket | None = None) -> None:
         try:
             data = p.encode(msg, self.max_bytes)
         except p.MessageTooLarge:
@@ -162,7 +183,7 @@ class Server:
                                           f"reply longer than {self.max_bytes} bytes"), self.max_bytes)
             fds = None
         if fds:
-            await send_with_fds(writer, data, fds)
+            await send_with_fds(writer, data, fds, raw)
         else:
             writer.write(data)
         await writer.drain()
@@ -174,6 +195,7 @@ class Server:
         except OSError:
             writer.close()
             return
+        raw: socket.socket | None = None   # for replies that carry fds, made at the first
         try:
             while True:
                 try:
@@ -198,7 +220,9 @@ class Server:
                     fds = reply.pop("_fds", None)
                     if fds:
                         try:
-                            await self._send(writer, reply, fds)
+                            if raw is None:
+                                raw = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+                            await self._send(writer, reply, fds, raw)
                         finally:
                             for fd in fds:
                                 os.close(fd)
@@ -213,6 +237,8 @@ class Server:
             pass
         finally:
             self.daemon.connection_closed(conn)
+            if raw is not None:
+                raw.close()
             try:
                 writer.close()
             except Exception:
@@ -261,6 +287,7 @@ async def serve(daemon: Daemon, *, teardown: bool = False, stop: asyncio.Event |
         await daemon.teardown()
     daemon.save()
     daemon.hooks.close()
+    daemon.journal.close()
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -308,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(config, daemon=dataclasses.replace(config.daemon, **over))
     logging.basicConfig(level=(args.log_level or config.daemon.log_level).upper(),
                         format="agentcgd %(levelname)s %(name)s: %(message)s")
+    raise_fd_limit()
     try:
         daemon = prepare(config)
     except StartupError as exc:

@@ -25,6 +25,10 @@ from agentcg.core.policy import (
 
 log = logging.getLogger("agentcg.policy")
 IDLE_TICK_S = 1.0  # only for calm-down bookkeeping; pressure and breaches wake the loop at once
+# A call's start or end is looked at within this; the kicks of the calls that
+# start and end meanwhile share one tick. A tick reads every cgroup of the
+# tree: one per kick would put it on the path of the next request, every call.
+KICK_DELAY_S = 0.025
 
 
 def _int(text: str | None, default: int | None = None) -> int | None:
@@ -76,6 +80,7 @@ class PolicyLoop:
         # any number of kicks, instead of a full snapshot and tick inline on
         # the tool call's start and end path (about 2 ms per call).
         self._kick: asyncio.Event | None = None
+        self._kick_due: float | None = None   # monotonic time by which a kick is served
         self.watch.watch_file("", cgfs.path(""), "memory.events")
 
     # -- hook surface
@@ -121,24 +126,34 @@ class PolicyLoop:
                 self.tick([])
             except Exception:
                 log.exception("policy tick failed")
-        else:
+        elif self._kick_due is None:
+            self._kick_due = time.monotonic() + KICK_DELAY_S
             self._kick.set()
 
     async def _wait(self, timeout_s: float) -> list:
-        """Kernel signals, or a kick from a call's start or end, or the timeout."""
-        if self._kick.is_set():
+        """Kernel signals (at once), or a kick's delay (KICK_DELAY_S after the
+        first kick since the last tick), or the timeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            now = time.monotonic()
+            due = deadline if self._kick_due is None else min(deadline, self._kick_due)
+            if due <= now:
+                break
             self._kick.clear()
-            return self.watch.drain(0)
-        kick = asyncio.ensure_future(self._kick.wait())
-        sigs = asyncio.ensure_future(self.watch.wait(timeout_s))
-        try:
-            await asyncio.wait({kick, sigs}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (kick, sigs):
-                if not t.done():
-                    t.cancel()
-        self._kick.clear()
-        return sigs.result() if sigs.done() and not sigs.cancelled() else self.watch.drain(0)
+            kick = asyncio.ensure_future(self._kick.wait())
+            sigs = asyncio.ensure_future(self.watch.wait(due - now))
+            try:
+                await asyncio.wait({kick, sigs}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in (kick, sigs):
+                    if not t.done():
+                        t.cancel()
+            got = sigs.result() if sigs.done() and not sigs.cancelled() else []
+            if got:
+                self._kick_due = None    # this tick serves the pending kicks too
+                return got
+        self._kick_due = None
+        return self.watch.drain(0)
 
     async def run(self, daemon) -> None:
         self.daemon = daemon

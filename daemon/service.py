@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -27,16 +26,18 @@ from agentcg.core.intents import (BudgetError, Intent, IntentError, call_limits,
 from agentcg.core.model import CallStats, Limits
 
 from .hooks import Hooks
-from .state import CallRecord, SessionRecord, load_state, state_json, write_atomic
+from .state import CallRecord, Journal, SessionRecord, load_state, state_json, write_atomic
 
 log = logging.getLogger("agentcg.daemon")
 
 SESSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 CALL_DIR_RE = re.compile(r"^c-(\d+)$")
 PLACEMENTS = ("pid", "clone_into")
-# call cgroups made ahead per session, off the request path (cgroup2 cannot rename
-# a directory, so a spare is made under the number of the next call: c-<n>)
+# call cgroups made ahead per session, after a reply (cgroup2 cannot rename a
+# directory, so a spare is made under the number of the next call: c-<n>)
 SPARE_CALL_CGROUPS = 1
+# journal lines after which the state file is rewritten (after a reply) and the journal emptied
+JOURNAL_COMPACT_LINES = 1000
 
 
 @dataclass(frozen=True)
@@ -102,11 +103,13 @@ class Daemon:
         self.enabled_controllers: set[str] = set()
         self._finalising: set[tuple[str, int]] = set()
         self.lingering: set[str] = set()        # kept call cgroups waiting for their stragglers
-        # session -> [(n, future)] of empty c-<n> made ahead (future: True once made)
-        self.spares: dict[str, list[tuple[int, Any]]] = {}
-        self._bg: ThreadPoolExecutor | None = None   # spare mkdir and ended rmdir off the loop
+        # session -> numbers n of the empty c-<n> made ahead
+        self.spares: dict[str, list[int]] = {}
         self._starting: dict[tuple[str, int], str] = {}  # clone_into calls whose hooks run after the reply
         self._log_f = None
+        self.journal = Journal(self.cfg.state_file)
+        self._compacting = False
+        self._stat_fds: dict[str, dict[str, int]] = {}   # call cgroup -> its accounting files, opened ahead
 
     # -- work after the reply ------------------------------------------------
     @staticmethod
@@ -119,87 +122,69 @@ class Daemon:
         except RuntimeError:
             fn(*args)
 
-    def background(self, fn: Any, *args: Any) -> Any:
-        """Run a blocking cgroupfs/file operation in the daemon's one worker
-        thread (the kernel work overlaps the loop's); an awaitable future.
-        Without a running loop it runs now and returns a done future."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            import concurrent.futures
-            fut: Any = concurrent.futures.Future()
-            try:
-                fut.set_result(fn(*args))
-            except Exception as exc:
-                fut.set_exception(exc)
-            return fut
-        if self._bg is None:
-            self._bg = ThreadPoolExecutor(1, thread_name_prefix="agentcgd-io")
-        return loop.run_in_executor(self._bg, fn, *args)
-
     def _mkdir(self, rel: str) -> bool:
+        """Make a spare call cgroup and open its accounting files (the call's
+        end then reads each with one pread); False if it cannot be made."""
         try:
             self.cgfs.create(rel)
-            return True
         except OSError as exc:
             log.warning("cannot make a spare call cgroup %s: %s", rel, exc)
             return False
+        fds = self.cgfs.open_stats(rel)
+        if fds is not None:
+            self._stat_fds[rel] = fds
+        return True
 
     def refill_spares(self, name: str) -> None:
-        """Make the session's next call cgroup ahead, in the worker thread. A
-        crash leaves at most an empty c-<n> without a record: restore removes it."""
+        """Make the session's next call cgroup ahead, after the reply that
+        took the last one (on the loop: the client is starting its command
+        meanwhile; a hop to a worker thread and back costs more than the
+        mkdir). A crash leaves at most an empty c-<n> without a record:
+        restore removes it."""
         s = self.sessions.get(name)
         if s is None:
             return
         spares = self.spares.setdefault(name, [])
         while len(spares) < SPARE_CALL_CGROUPS:
             n = s.next_call
+            if not self._mkdir(f"{s.rel}/c-{n}"):
+                return            # made at call.start instead
             s.next_call = n + 1
-            spares.append((n, self.background(self._mkdir, f"{s.rel}/c-{n}")))
+            spares.append(n)
 
-    async def _spares_settled(self, name: str) -> None:
-        for _n, fut in self.spares.pop(name, []):
-            try:
-                if isinstance(fut, asyncio.Future):
-                    await fut
-            except Exception:
-                pass
+    def _drop_spares(self, name: str) -> None:
+        s = self.sessions.get(name)
+        for n in self.spares.pop(name, []):
+            if s is not None:
+                self._forget_fds(f"{s.rel}/c-{n}")
 
-    def _removed(self, rel: str, fut: Any) -> None:
+    def remove_ended(self, rel: str) -> None:
+        """rmdir an ended call's cgroup after its reply went out (on the loop:
+        an rmdir of an empty cgroup costs less than a hop to the worker thread
+        and back; the kernel frees the cgroup's state asynchronously)."""
+        self.cgfs.close_fds(self._stat_fds.pop(rel, None))
         try:
-            ok = fut.result()
-        except Exception as exc:
+            ok = self.cgfs.remove(rel)
+        except OSError as exc:
             log.warning("cannot remove %s: %s; retrying", rel, exc)
             ok = False
         if not ok:
             self.lingering.add(rel)   # busy: the watch retries
 
-    def remove_ended(self, rel: str) -> None:
-        """rmdir an ended call's cgroup after its reply went out, in the worker thread."""
-        self.background(self.cgfs.remove, rel).add_done_callback(lambda f: self._removed(rel, f))
-
-    async def spare_settled(self, name: Any) -> None:
-        """Wait for the session's next spare to be made (call.start takes it)."""
-        spares = self.spares.get(name) if isinstance(name, str) else None
-        if spares and isinstance(spares[0][1], asyncio.Future) and not spares[0][1].done():
-            try:
-                await spares[0][1]
-            except Exception:
-                pass
+    def _forget_fds(self, rel: str) -> None:
+        self.cgfs.close_fds(self._stat_fds.pop(rel, None))
 
     def _new_call_dir(self, s: SessionRecord) -> int:
         """The number of a fresh, empty call cgroup: the spare made ahead if
-        there is one, else made now (under the spare's number if its mkdir
-        has not finished, so that calls stay numbered in order)."""
+        there is one (its accounting files open in _stat_fds), else made now
+        (under the spare's number if it vanished, so that calls stay
+        numbered in order)."""
         spares = self.spares.get(s.name)
         if spares:
-            n, fut = spares.pop(0)
-            try:
-                made = fut.done() and fut.result()
-            except Exception:
-                made = False
-            if made and self.cgfs.exists(f"{s.rel}/c-{n}"):
+            n = spares.pop(0)
+            if self.cgfs.exists(f"{s.rel}/c-{n}"):
                 return n
+            self._forget_fds(f"{s.rel}/c-{n}")
         else:
             n = s.next_call
             s.next_call += 1
@@ -208,13 +193,36 @@ class Daemon:
 
     # -- persistence & events ----------------------------------------------
     def save(self) -> None:
-        """Persist the state before a reply goes out, so that a crash right
-        after it cannot lose a started call. /run is tmpfs: a rename there
-        costs tens of microseconds."""
+        """Rewrite the state file (sessions and their running calls) and
+        empty the journal, before a reply that changed a session goes out,
+        so that a crash right after it loses nothing."""
         try:
             write_atomic(self.cfg.state_file, state_json(str(self.cgfs.root), self.sessions))
         except OSError as exc:
             log.error("cannot write state file %s: %s", self.cfg.state_file, exc)
+            return
+        try:
+            self.journal.truncate()
+        except OSError as exc:
+            log.error("cannot empty the journal %s: %s", self.journal.path, exc)
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """A call's start, pid or end: one line appended to the journal before
+        the reply (see daemon/state.py), instead of rewriting the state file.
+        Every JOURNAL_COMPACT_LINES the state file is rewritten after the reply."""
+        try:
+            self.journal.append(entry)
+        except OSError as exc:
+            log.error("cannot append to the journal %s: %s; writing the state file", self.journal.path, exc)
+            self.save()
+            return
+        if self.journal.lines >= JOURNAL_COMPACT_LINES and not self._compacting:
+            self._compacting = True
+            self.later(self._compact)
+
+    def _compact(self) -> None:
+        self._compacting = False
+        self.save()
 
     def emit(self, event: dict[str, Any]) -> None:
         event = {"time": time.time(), **event}
@@ -306,8 +314,6 @@ class Daemon:
     async def handle(self, msg: dict[str, Any], peer: Peer) -> dict[str, Any]:
         rid, op = p.check_request(msg)
         fn = getattr(self, "op_" + op.replace(".", "_"))
-        if op == "call.start":
-            await self.spare_settled(msg.get("session"))
         try:
             result = fn(msg, peer)
             if asyncio.iscoroutine(result):
@@ -426,7 +432,7 @@ class Daemon:
                 except OSError as exc:
                     log.warning("cannot move agent pid %d back to %s: %s", pid, target, exc)
         self.hooks.session_end(s, self.cgfs.path(s.rel))
-        await self._spares_settled(s.name)
+        self._drop_spares(s.name)
         removed = self.cgfs.remove_tree(s.rel)
         del self.sessions[s.name]
         self.save()
@@ -465,15 +471,17 @@ class Daemon:
             else:
                 fd = self.cgfs.open_dir(c.rel)
         except ProcessLookupError:
+            self._forget_fds(c.rel)
             self.cgfs.remove(c.rel)
             raise p.ProtocolError(p.E_BAD_PID, f"pid: {pid} exited before it was placed") from None
         except OSError as exc:
+            self._forget_fds(c.rel)
             self.cgfs.remove(c.rel)
             raise p.ProtocolError(p.E_CGROUP, f"cannot set up {c.rel}: {exc}") from None
         s.calls[n] = c
-        # written before the reply: restore must tell a started call from an
+        # journaled before the reply: restore must tell a started call from an
         # empty spare even if the tool ran and exited while the daemon was down
-        self.save()
+        self.record({"op": "start", "call": c.to_dict()})
         self.later(self.refill_spares, s.name)
         reply = {"call": n, "cgroup": str(self.cgfs.path(c.rel)), "limits": limits.to_dict(),
                  "adjustments": [a.to_dict() for a in adjustments], "skipped_files": res["skipped"]}
@@ -521,7 +529,13 @@ class Daemon:
         return {"call": n, "pid": pid, "placement": placed}
 
     def _in_cgroup(self, pid: int, rel: str) -> bool:
-        """Whether pid (alive or a zombie: /proc/<pid>/cgroup still names it) is in rel."""
+        """Whether pid (alive or a zombie: /proc/<pid>/cgroup still names it) is in rel.
+        First through the call's cgroup.procs opened ahead (one pread, lists the
+        living); /proc/<pid>/cgroup (which waits for the kernel's cgroup mutex,
+        busy right after a clone into a cgroup or an rmdir) for the rest."""
+        fds = self._stat_fds.get(rel)
+        if fds is not None and pid in self.cgfs.procs(rel, fds):
+            return True
         cg = pid_cgroup(pid)
         if cg is None:
             return False
@@ -542,6 +556,7 @@ class Daemon:
         c = s.calls.get(n) if s is not None else None
         if c is None:
             return
+        self.record({"op": "pid", "session": s.name, "n": n, "pid": c.pid})
         self.hooks.call_start(s, c, self.cgfs.path(c.rel))
         self.emit({"type": "call.start", "uid": s.uid, "session": s.name, "call": n, "name": c.name,
                    "pid": c.pid, "placement": placed, "intent": c.intent.to_dict(),
@@ -617,13 +632,14 @@ class Daemon:
         if (s.name, c.n) in self._starting:
             self._call_started(s.name, c.n)
         rel = c.rel
+        fds = self._stat_fds.get(rel)
         stragglers = 0
         action = None
         policy = "kill" if force_kill else self.cfg.straggler_policy
-        if self.cgfs.populated(rel):
+        if self.cgfs.populated(rel, fds):
             if policy == "kill" and not force_kill:
                 deadline = time.monotonic() + self.cfg.straggler_grace_ms / 1000
-                while self.cgfs.populated(rel) and time.monotonic() < deadline:
+                while self.cgfs.populated(rel, fds) and time.monotonic() < deadline:
                     await asyncio.sleep(0.01)
             left = self.cgfs.procs(rel)
             if left:
@@ -632,11 +648,11 @@ class Daemon:
                     self.cgfs.kill(rel, f"call {c.n} ended ({reason}): {stragglers} stragglers")
                     action = "killed"
                     deadline = time.monotonic() + 5.0
-                    while self.cgfs.populated(rel) and time.monotonic() < deadline:
+                    while self.cgfs.populated(rel, fds) and time.monotonic() < deadline:
                         await asyncio.sleep(0.005)
                 else:
                     action = "kept"
-        raw = self.cgfs.read_stats(rel)
+        raw = self.cgfs.read_stats(rel, fds)
         wall_ns = time.monotonic_ns() - c.start_ns
         extra = self.hooks.call_end(s, c, self.cgfs.path(rel))
         stats = CallStats(wall_ns=wall_ns, stragglers=stragglers, stragglers_action=action, extra=extra,
@@ -647,7 +663,7 @@ class Daemon:
             log.info("call %s kept with %d processes; removed when they exit", rel, stragglers)
         s.calls.pop(c.n, None)
         s.calls_done += 1
-        self.save()
+        self.record({"op": "end", "session": s.name, "n": c.n, "done": s.calls_done})
         result = {"session": s.name, "call": c.n, "name": c.name, "uid": c.uid, "exit_status": exit_status,
                   "stats": stats.to_dict(), "limits": c.limits.to_dict(),
                   "feedback": [f.to_dict() for f in items], "cgroup_removed": removed, "reason": reason}
@@ -655,6 +671,7 @@ class Daemon:
         while len(self.finished) > self.cfg.finished_keep:
             self.finished.pop(next(iter(self.finished)))
         if action == "kept":
+            self._forget_fds(rel)
             self.lingering.add(rel)
         else:
             self.later(self.remove_ended, rel)
@@ -677,7 +694,7 @@ class Daemon:
             try:
                 for s in list(self.sessions.values()):
                     for c in list(s.calls.values()):
-                        if c.conn is None and not self.cgfs.populated(c.rel):
+                        if c.conn is None and not self.cgfs.populated(c.rel, self._stat_fds.get(c.rel)):
                             await self.finalise(s, c, exit_status=None,
                                                 reason="processes exited; client gone")
                 for rel in list(self.lingering):
@@ -694,7 +711,7 @@ class Daemon:
             if self.cgfs.populated(s.rel):
                 self.cgfs.kill(s.rel, "daemon teardown")
                 self.cgfs.wait_unpopulated(s.rel, 5.0)
-            await self._spares_settled(s.name)
+            self._drop_spares(s.name)
             self.cgfs.remove_tree(s.rel)
             del self.sessions[s.name]
         self.save()

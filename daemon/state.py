@@ -1,8 +1,15 @@
 """The daemon's records of sessions and tool calls, and the state file.
 
 The state file (`/run/agentcg/state.json`) is rewritten atomically (write a
-temporary file, fsync-free rename: /run is tmpfs) after every change. With
-the cgroup tree it is what a restarted daemon rebuilds from.
+temporary file, fsync-free rename: /run is tmpfs) after a session changes.
+A tool call's start and end go to the journal next to it
+(`state.json.journal`) instead: one appended JSON line each, written before
+the reply with a single write(2) on a descriptor kept open, so that a call
+costs no rewrite of every session and no rename. Rewriting the state file
+empties the journal. With the cgroup tree, the state file replayed with its
+journal is what a restarted daemon rebuilds from. Replaying is idempotent: a
+crash between the rename and the truncation replays lines the state file
+holds already.
 """
 from __future__ import annotations
 
@@ -98,6 +105,81 @@ def write_atomic(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def journal_path(state_path: str | Path) -> Path:
+    state_path = Path(state_path)
+    return state_path.with_name(state_path.name + ".journal")
+
+
+class Journal:
+    """The append-only journal of call starts and ends next to the state file."""
+
+    def __init__(self, state_path: str | Path):
+        self.path = journal_path(state_path)
+        self.fd: int | None = None
+        self.lines = 0          # appended since the state file was last rewritten
+
+    def append(self, record: dict[str, Any]) -> None:
+        """One JSON line in one write(2) (O_APPEND: a crash never leaves half
+        a line in the middle; a torn last line is skipped on replay)."""
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.write(self.fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
+        self.lines += 1
+
+    def truncate(self) -> None:
+        """After the state file was rewritten: it holds everything the journal said."""
+        if self.fd is None:
+            try:
+                os.truncate(self.path, 0)
+            except FileNotFoundError:
+                pass
+        else:
+            os.ftruncate(self.fd, 0)
+        self.lines = 0
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def replay(sessions: dict[str, SessionRecord], lines: Any) -> int:
+    """Apply journal lines to sessions loaded from the state file; returns how
+    many applied. {"op": "start", "call": CallRecord} adds or replaces a call,
+    {"op": "pid", ...} names a clone_into call's pid, {"op": "end", "done": k}
+    drops a call (k: the session's calls done with it). Each line sets
+    rather than adds, so that replaying lines already in the state file
+    changes nothing."""
+    applied = 0
+    for line in lines:
+        try:
+            rec = json.loads(line)
+            op = rec["op"]
+            if op == "start":
+                c = CallRecord.from_dict(rec["call"])
+                s = sessions.get(c.session)
+                if s is None:
+                    continue
+                s.calls[c.n] = c
+                s.next_call = max(s.next_call, c.n + 1)
+            else:
+                s = sessions.get(rec["session"])
+                c = s.calls.get(int(rec["n"])) if s is not None else None
+                if c is None:
+                    continue
+                if op == "pid":
+                    c.pid = int(rec["pid"])
+                elif op == "end":
+                    del s.calls[c.n]
+                    s.calls_done = max(s.calls_done, int(rec["done"]))
+                else:
+                    continue
+            applied += 1
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue   # a torn last line, or one from another version
+    return applied
+
+
 def save_state(path: str | Path, root: str, sessions: dict[str, SessionRecord]) -> None:
     write_atomic(path, state_json(root, sessions))
 
@@ -118,4 +200,9 @@ def load_state(path: str | Path) -> tuple[str | None, dict[str, SessionRecord]]:
             sessions[name] = SessionRecord.from_dict(d)
         except (KeyError, ValueError, TypeError):
             continue
+    try:
+        with open(journal_path(path), "rb") as f:
+            replay(sessions, f)
+    except OSError:
+        pass
     return data.get("cgroup_root"), sessions

@@ -22,6 +22,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 GONE_ERRNOS = (errno.ENOENT, errno.ENODEV)
+# what read_stats and populated read: opened ahead for a spare call cgroup (open_stats)
+# (and cgroup.procs: whether a pid named by the client is inside)
+STAT_FILES = ("cgroup.events", "cgroup.procs", "cpu.stat", "memory.peak", "memory.current", "memory.events",
+              "pids.peak", "pids.events", "io.stat")
 MANAGED_CONTROLLERS = ("cpu", "memory", "pids", "io")
 
 log = logging.getLogger("agentcg.cgroupfs")
@@ -139,9 +143,15 @@ def parse_proc_cgroup(text: str) -> str | None:
 
 def pid_cgroup(pid: int | str = "self") -> str | None:
     try:
-        return parse_proc_cgroup(Path(f"/proc/{pid}/cgroup").read_text())
+        fd = os.open(f"/proc/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        return parse_proc_cgroup(os.read(fd, 65536).decode())
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def mount_of(path: str | Path, proc_mounts: str | Path = "/proc/self/mounts") -> str | None:
@@ -203,8 +213,45 @@ class CgroupFs:
         return self.root / rel if rel else self.root
 
     # -- reading --------------------------------------------------------
-    def read(self, rel: str, name: str) -> str | None:
-        """An interface file's text, or None when it (or the cgroup) is gone."""
+    def open_stats(self, rel: str) -> dict[str, int] | None:
+        """Descriptors of the cgroup's STAT_FILES that exist, opened ahead (a
+        spare call cgroup, off the request path): `read(..., fds=)` then costs
+        one pread each. A file missing now (its controller is not enabled
+        here) is taken as missing later too. None when one cannot be opened
+        for another reason (out of descriptors): read by path then. The
+        caller closes them (close_fds)."""
+        fds: dict[str, int] = {}
+        for name in STAT_FILES:
+            try:
+                fds[name] = os.open(self._f(rel, name), os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    self.close_fds(fds)
+                    self.log.warning("cannot open %s of %s ahead (%s); read by path", name, rel or ".", exc)
+                    return None
+        return fds
+
+    @staticmethod
+    def close_fds(fds: dict[str, int] | None) -> None:
+        for fd in (fds or {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def read(self, rel: str, name: str, fds: dict[str, int] | None = None) -> str | None:
+        """An interface file's text, or None when it (or the cgroup) is gone.
+        With `fds` (open_stats), through the descriptor opened ahead."""
+        if fds is not None and name in STAT_FILES:
+            fd = fds.get(name)
+            if fd is None:
+                return None
+            try:
+                return os.pread(fd, 65536, 0).decode()
+            except OSError as exc:
+                if _gone(exc):
+                    return None
+                raise
         try:
             with open(self._f(rel, name)) as f:
                 return f.read()
@@ -213,8 +260,8 @@ class CgroupFs:
                 return None
             raise
 
-    def read_int(self, rel: str, name: str) -> int | None:
-        text = self.read(rel, name)
+    def read_int(self, rel: str, name: str, fds: dict[str, int] | None = None) -> int | None:
+        text = self.read(rel, name, fds)
         if text is None:
             return None
         text = text.strip()
@@ -242,40 +289,40 @@ class CgroupFs:
     def subtree_control(self, rel: str = "") -> set[str]:
         return set((self.read(rel, "cgroup.subtree_control") or "").split())
 
-    def procs(self, rel: str) -> list[int]:
-        text = self.read(rel, "cgroup.procs")
+    def procs(self, rel: str, fds: dict[str, int] | None = None) -> list[int]:
+        text = self.read(rel, "cgroup.procs", fds)
         return [int(x) for x in text.split()] if text else []
 
-    def events(self, rel: str) -> dict[str, int] | None:
-        text = self.read(rel, "cgroup.events")
+    def events(self, rel: str, fds: dict[str, int] | None = None) -> dict[str, int] | None:
+        text = self.read(rel, "cgroup.events", fds)
         return None if text is None else _parse_flat_keyed(text)
 
-    def populated(self, rel: str) -> bool | None:
+    def populated(self, rel: str, fds: dict[str, int] | None = None) -> bool | None:
         """True/False, or None when the cgroup is gone."""
-        ev = self.events(rel)
+        ev = self.events(rel, fds)
         if ev is None:
             return None
         return bool(ev.get("populated", 0))
 
-    def read_stats(self, rel: str) -> dict[str, Any]:
+    def read_stats(self, rel: str, fds: dict[str, int] | None = None) -> dict[str, Any]:
         """Accounting of one cgroup, named as `CallStats` fields. Values a
-        kernel or controller set does not offer are None."""
+        kernel or controller set does not offer are None. `fds`: see open_stats."""
         stats: dict[str, Any] = {}
-        cpu = self.read(rel, "cpu.stat")
+        cpu = self.read(rel, "cpu.stat", fds)
         kv = _parse_flat_keyed(cpu) if cpu is not None else {}
         stats["cpu_usage_usec"] = kv.get("usage_usec")
         stats["cpu_user_usec"] = kv.get("user_usec")
         stats["cpu_system_usec"] = kv.get("system_usec")
         stats["cpu_nr_throttled"] = kv.get("nr_throttled")
         stats["cpu_throttled_usec"] = kv.get("throttled_usec")
-        stats["memory_peak_bytes"] = self.read_int(rel, "memory.peak")
-        stats["memory_current_bytes"] = self.read_int(rel, "memory.current")
-        mev = self.read(rel, "memory.events")
+        stats["memory_peak_bytes"] = self.read_int(rel, "memory.peak", fds)
+        stats["memory_current_bytes"] = self.read_int(rel, "memory.current", fds)
+        mev = self.read(rel, "memory.events", fds)
         stats["memory_events"] = _parse_flat_keyed(mev) if mev is not None else {}
-        stats["pids_peak"] = self.read_int(rel, "pids.peak")
-        pev = self.read(rel, "pids.events")
+        stats["pids_peak"] = self.read_int(rel, "pids.peak", fds)
+        pev = self.read(rel, "pids.events", fds)
         stats["pids_events_max"] = _parse_flat_keyed(pev).get("max") if pev is not None else None
-        io = self.read(rel, "io.stat")
+        io = self.read(rel, "io.stat", fds)
         if io is not None:
             stats["io_read_bytes"], stats["io_write_bytes"] = _parse_io_stat(io)
         else:

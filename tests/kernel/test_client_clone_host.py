@@ -130,3 +130,58 @@ def test_call_that_ran_while_the_daemon_was_down_is_accounted_not_taken_for_a_sp
     assert s.run(["true"]).call == h.number + 1
     s.end()
     assert not (daemon.root / "s-down").exists()
+
+
+def _spawn_paths():
+    paths = [pytest.param(False, id="clone3")]
+    from agentcg.client import _clone
+    marks = [] if _clone.posix_spawn_lib() else \
+        [pytest.mark.skip(reason="this C library has no posix_spawnattr_setcgroup_np (glibc < 2.39)")]
+    paths.append(pytest.param(True, id="posix_spawn", marks=marks))
+    return paths
+
+
+@pytest.mark.parametrize("use_posix_spawn", _spawn_paths())
+def test_spawn_paths_agree_on_cgroup_fds_cwd_and_signals(use_posix_spawn, tmp_path, monkeypatch):
+    """Both ways of starting a command in its cgroup give the same child:
+    born in the cgroup, stdio and pass_fds inherited, every other descriptor
+    closed, the cwd set, SIGPIPE and SIGXFSZ back to their defaults."""
+    from agentcg.client import _clone
+    monkeypatch.setattr(_clone, "USE_POSIX_SPAWN", use_posix_spawn)
+    monkeypatch.setenv("AGENTCG_SPAWN_T", "x=é")     # the caller's environment, as it is now
+    mount = Path(require_cgroup2())
+    cg = mount / f"agentcg-spawn-{os.getpid()}"
+    cg.mkdir()
+    keep_r, keep_w = os.pipe()
+    stray = os.open("/dev/null", os.O_RDONLY)
+    os.set_inheritable(stray, True)           # inheritable, still not passed on
+    cg_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
+    out = tmp_path / "out.txt"
+    try:
+        script = 'cat /proc/self/cgroup; echo fds; ls /proc/$$/fd; echo end; pwd; grep SigIgn /proc/$$/status; echo "env $AGENTCG_SPAWN_T"; exit 3'
+        with open(out, "w") as f:
+            prep = _clone.Prepared(["sh", "-c", script], stdout=f, cwd=str(tmp_path), pass_fds=[keep_w])
+            try:
+                proc = _clone.spawn(prep, cg_fd)
+            finally:
+                prep.close()
+        assert proc.how == ("posix_spawn" if use_posix_spawn else "clone3")
+        assert proc.wait_exited(10) and proc.wait(10) == 3
+        lines = out.read_text().splitlines()
+        assert mount.as_posix() + [ln for ln in lines if ln.startswith("0::")][0][3:] == str(cg)
+        fds = lines[lines.index("fds") + 1:lines.index("end")]
+        assert sorted(fds, key=int) == ["0", "1", "2", str(keep_w)]
+        assert str(tmp_path) in lines and "env x=é" in lines
+        ignored = int([ln for ln in lines if ln.startswith("SigIgn:")][0].split()[1], 16)
+        assert not ignored & (1 << (signal.SIGPIPE - 1)) and not ignored & (1 << (signal.SIGXFSZ - 1))
+        # a program that cannot be executed: exit 127 and its errno, whichever path
+        prep = _clone.Prepared(["/nonexistent/agentcg-prog"])
+        try:
+            bad = _clone.spawn(prep, cg_fd)
+        finally:
+            prep.close()
+        assert bad.wait(10) == 127 and bad.exec_errno == 2
+    finally:
+        for fd in (keep_r, keep_w, stray, cg_fd):
+            os.close(fd)
+        cg.rmdir()

@@ -342,3 +342,34 @@ def test_restart_without_state_adopts_the_tree(daemon):
     assert r.exit_status == 2 and r.stats["wall_ns"] >= 900_000_000
     assert gone_soon(daemon.root / "s-adopt" / f"c-{h.number}")
     s.end()
+
+
+def test_descriptors_opened_ahead_for_calls_are_closed(daemon):
+    """A spare call cgroup's accounting files are opened when it is made and
+    closed when its call ends, when the session ends with it unused, and
+    when a call's processes are kept: the daemon holds no more after."""
+    fd_dir = Path(f"/proc/{daemon.proc.pid}/fd")
+
+    def settled(want) -> int:          # an ended call's descriptors are closed right after its reply
+        deadline = time.monotonic() + 5
+        while not want(n := len(os.listdir(fd_dir))) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return n
+    c = Client(daemon.socket)
+    s = c.session("fds")
+    s.run(["true"])                                    # the first spare is in use
+    time.sleep(0.1)
+    before = len(os.listdir(fd_dir))
+    for _ in range(30):
+        assert s.run(["true"]).exit_status == 0
+    h = s.tool_call("err").popen(["sh", "-c", "exit 3"])
+    assert h.wait().exit_status == 3
+    assert settled(lambda n: n == before) == before
+    s.end()
+    c2 = Client(daemon.socket)
+    s2 = c2.session("fds2")
+    s2.end()
+    c.close()
+    c2.close()
+    after = settled(lambda n: n < before)
+    assert after < before, (before, after)           # both sessions' spares and both connections are gone

@@ -12,7 +12,7 @@ from agentcg.core.model import Limits
 from agentcg.daemon.app import choose_root
 from agentcg.daemon.hooks import Hooks
 from agentcg.daemon.service import Peer, check_pid
-from agentcg.daemon.state import CallRecord, SessionRecord, load_state, save_state
+from agentcg.daemon.state import CallRecord, Journal, SessionRecord, load_state, save_state
 
 
 def test_root_under_systemd_is_the_service_cgroup():
@@ -57,6 +57,34 @@ def test_state_round_trip(tmp_path):
     assert load_state(tmp_path / "missing.json") == (None, {})
     (tmp_path / "bad.json").write_text("{")
     assert load_state(tmp_path / "bad.json") == (None, {})
+
+
+def test_journal_replays_call_starts_and_ends_over_the_state_file(tmp_path):
+    state = tmp_path / "state.json"
+    s = SessionRecord(name="a", uid=1000, intent=Intent(), limits=Limits(), created_time=1.0)
+    save_state(state, "/cg", {"a": s})
+    j = Journal(state)
+
+    def call(n):
+        return CallRecord(session="a", n=n, name=f"t{n}", uid=1000, pid=0, intent=Intent.parse("pids=10"),
+                          limits=Limits(pids_max=10), start_ns=n, start_time=2.0, argv=["true"])
+    for n in (1, 2, 3):
+        j.append({"op": "start", "call": call(n).to_dict()})
+    j.append({"op": "pid", "session": "a", "n": 2, "pid": 77})
+    j.append({"op": "end", "session": "a", "n": 1, "done": 1})
+    j.append({"op": "end", "session": "gone", "n": 9, "done": 1})        # a session the state file lacks: skipped
+    with open(j.path, "ab") as f:
+        f.write(b'{"op":"end","sess')                         # torn by a crash mid-write: skipped
+    _root, back = load_state(state)
+    a = back["a"]
+    assert sorted(a.calls) == [2, 3] and a.calls_done == 1 and a.next_call == 4
+    assert a.calls[2].pid == 77 and a.calls[3].to_dict() == call(3).to_dict()
+    # the rewrite that empties the journal holds the same; replaying again changes nothing
+    save_state(state, "/cg", back)
+    assert load_state(state)[1]["a"].to_dict() == a.to_dict()
+    j.truncate()
+    assert j.path.read_bytes() == b"" and load_state(state)[1]["a"].to_dict() == a.to_dict()
+    j.close()
 
 
 def test_hooks_isolate_failures_and_merge_extra_stats():
