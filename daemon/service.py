@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator
 
 from agentcg import protocol as p
 from agentcg.adapters.cgroupfs import CgroupFs, CgroupGone, pid_cgroup
+from agentcg.adapters.procfs import set_oom_score_adj
 from agentcg.core.config import Config
 from agentcg.core.feedback import feedback
 from agentcg.core.intents import (BudgetError, Intent, IntentError, call_limits,
@@ -140,6 +141,7 @@ class Daemon:
     def _mkdir(self, rel: str) -> bool:
         try:
             self.cgfs.create(rel)
+            self._call_oom_group(rel)
             return True
         except OSError as exc:
             log.warning("cannot make a spare call cgroup %s: %s", rel, exc)
@@ -204,7 +206,28 @@ class Daemon:
             n = s.next_call
             s.next_call += 1
         self.cgfs.create(f"{s.rel}/c-{n}")
+        self._call_oom_group(f"{s.rel}/c-{n}")
         return n
+
+    # -- the OOM killer's preference: a tool call, never the agent ----------
+    def _call_oom_group(self, rel: str) -> None:
+        """memory.oom.group = 1 on a call cgroup: a kernel OOM kill takes the
+        whole call (never leaves half a build running)."""
+        if not self.cfg.call_oom_group:
+            return
+        try:
+            self.cgfs._write(rel, "memory.oom.group", "1")
+        except OSError:
+            pass  # no memory controller here: nothing to group
+
+    def oom_prefer(self, pid: int, role: str) -> None:
+        """oom_score_adj of a placed process: daemon.agent_oom_score_adj for an
+        agent (role "agent"), daemon.call_oom_score_adj for a tool call. Only
+        on a real cgroup2 tree (fake trees in tests hold no such processes)."""
+        if self.mount is None:
+            return
+        value = self.cfg.agent_oom_score_adj if role == "agent" else self.cfg.call_oom_score_adj
+        set_oom_score_adj(pid, value)
 
     # -- persistence & events ----------------------------------------------
     def save(self) -> None:
@@ -399,6 +422,7 @@ class Daemon:
         except ProcessLookupError:
             raise p.ProtocolError(p.E_BAD_PID, f"pid: {pid} exited") from None
         s.attached[pid] = origin
+        self.oom_prefer(pid, "agent")
         self.save()
         self.emit({"type": "session.attach", "uid": s.uid, "session": s.name, "pid": pid})
         return {"cgroup": str(self.cgfs.path(f"{s.rel}/agent"))}
@@ -462,6 +486,7 @@ class Daemon:
                                          f"call {name or n} intent {intent.describe() or '(defaults)'}")
             if placement == "pid":
                 self.cgfs.place(c.rel, pid)
+                self.oom_prefer(pid, "call")
             else:
                 fd = self.cgfs.open_dir(c.rel)
         except ProcessLookupError:
@@ -479,7 +504,9 @@ class Daemon:
                  "adjustments": [a.to_dict() for a in adjustments], "skipped_files": res["skipped"]}
         if fd is not None:
             # hooks and the event wait for call.started, which names the pid
-            reply.update(placement="clone_into", cgroup_fd=True, _fds=[fd])
+            # the child sets its own oom_score_adj before exec (raising needs no privilege)
+            reply.update(placement="clone_into", cgroup_fd=True, _fds=[fd],
+                         oom_score_adj=self.cfg.call_oom_score_adj if self.mount is not None else None)
             return reply
         self.hooks.call_start(s, c, self.cgfs.path(c.rel))
         self.emit({"type": "call.start", "uid": s.uid, "session": s.name, "call": n, "name": name,
@@ -514,6 +541,7 @@ class Daemon:
             except OSError as exc:
                 raise p.ProtocolError(p.E_CGROUP, f"cannot place pid {pid} in {c.rel}: {exc}") from None
             placed = "pid"
+        self.oom_prefer(pid, "call")  # for clients that do not set it in the child
         c.pid = pid
         # the child runs already: the hooks see the call after this reply
         self._starting[(s.name, n)] = placed

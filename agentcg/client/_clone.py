@@ -7,7 +7,7 @@ threadgroup lock for writing, which waits for an RCU grace period).
 
 Everything the child needs (argv, envp, paths, fds) is built as C data before
 the clone; the child only calls C functions through ctypes (dup2, chdir,
-signal, execve, write, _exit) and never returns to the caller's code. A failed
+signal, open, write, close, execve, _exit) and never returns to the caller's code. A failed
 execve writes its errno to a close-on-exec pipe and exits 127, the usual
 exec-error pipe: the parent reads 0 bytes when the exec worked.
 
@@ -62,6 +62,8 @@ def libc() -> Any:
                            ("chdir", [ctypes.c_char_p]),
                            ("fcntl", [ctypes.c_int, ctypes.c_int, ctypes.c_int]),
                            ("write", [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]),
+                           ("open", [ctypes.c_char_p, ctypes.c_int]),
+                           ("close", [ctypes.c_int]),
                            ("_exit", [ctypes.c_int])):
             fn = getattr(lib, name)
             fn.argtypes = args
@@ -202,9 +204,12 @@ class ClonedProcess:
         self.send_signal(signal.SIGTERM)
 
 
-def spawn(prep: Prepared, cgroup_fd: int) -> ClonedProcess:
+def spawn(prep: Prepared, cgroup_fd: int, oom_score_adj: int | None = None) -> ClonedProcess:
     """clone3 into the cgroup behind `cgroup_fd` and exec the prepared command.
-    Raises OSError (errno from clone3: ENOSYS, EPERM, EACCES...) when the
+    oom_score_adj: written to the child's /proc/self/oom_score_adj before the
+    exec (the daemon's value for tool calls: the OOM killer takes them before
+    the agent; raising it needs no privilege), so every process of the call
+    inherits it. Raises OSError (errno from clone3: ENOSYS, EPERM, EACCES...) when the
     child could not be created; an exec failure is reported by the returned
     process (exit 127, `exec_errno`)."""
     lib = libc()
@@ -216,6 +221,8 @@ def spawn(prep: Prepared, cgroup_fd: int) -> ClonedProcess:
     dups = prep.dups
     pass_fds = prep.pass_fds
     c_path, c_argv, c_envp, c_cwd = prep.path, prep.c_argv, prep.c_envp, prep.cwd
+    adj = None if oom_score_adj is None else ctypes.create_string_buffer(str(int(oom_score_adj)).encode())
+    adj_len = 0 if adj is None else len(adj.value)
     try:
         pid = lib.syscall(SYS_clone3, ctypes.byref(args), ctypes.c_size_t(CLONE_ARGS_SIZE_VER2))
         if pid == 0:  # the child: C calls only, never back to the caller
@@ -227,6 +234,11 @@ def spawn(prep: Prepared, cgroup_fd: int) -> ClonedProcess:
                     lib.dup2(src, target)
                 for fd in pass_fds:
                     lib.fcntl(fd, F_SETFD, 0)
+                if adj is not None:
+                    afd = lib.open(b"/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+                    if afd >= 0:
+                        lib.write(afd, adj, adj_len)
+                        lib.close(afd)
                 if c_cwd is None or lib.chdir(c_cwd) == 0:
                     lib.execve(c_path, c_argv, c_envp)
                 err.value = ctypes.get_errno()

@@ -52,6 +52,18 @@ class DaemonConfig:
     watch_interval_ms: int = 500
     finished_keep: int = 1024
     log_level: str = "info"
+    # The kernel's OOM killer (at a session's or the budget's memory.max) takes
+    # the process with the largest RSS + oom_score_adj: agents get a protective
+    # value, tool calls a high one, and a call cgroup dies as a whole.
+    agent_oom_score_adj: int = -900
+    call_oom_score_adj: int = 500
+    call_oom_group: bool = True
+    # The OOM killer's preference (/proc/<pid>/oom_score_adj, -1000..1000):
+    # agent processes are protected, tool-call processes are the victims, and
+    # a tool call's cgroup is killed whole (memory.oom.group).
+    agent_oom_score_adj: int = -900
+    call_oom_score_adj: int = 500
+    call_oom_group: bool = True
 
     @property
     def socket(self) -> str:
@@ -90,7 +102,8 @@ _DAEMON_KEYS = {
     "state_path": str, "event_log": str, "max_message_bytes": "size",
     "require_controllers": bool, "controllers": list, "straggler_policy": str,
     "straggler_grace_ms": int, "use_systemd_cgroup": bool, "watch_interval_ms": int,
-    "finished_keep": int, "log_level": str,
+    "finished_keep": int, "log_level": str, "agent_oom_score_adj": "adj", "call_oom_score_adj": "adj",
+    "call_oom_group": bool,
 }
 _GRANT_KEYS = ("memory_max", "cpu_max", "pids_max", "max_priority", "max_sessions")
 _KNOWN_CONTROLLERS = ("cpu", "memory", "pids", "io")
@@ -199,9 +212,15 @@ def _daemon(tbl: Any) -> DaemonConfig:
         elif kind is bool:
             if not isinstance(value, bool):
                 raise ConfigError(where, value, "is not true or false")
+        elif kind == "adj":
+            if isinstance(value, bool) or not isinstance(value, int) or not -1000 <= value <= 1000:
+                raise ConfigError(where, value, "is not an oom_score_adj (an integer -1000..1000)")
         elif kind is int:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(where, value, "is not a non-negative integer")
+        elif kind == "oom_adj":
+            if isinstance(value, bool) or not isinstance(value, int) or not -1000 <= value <= 1000:
+                raise ConfigError(where, value, "is not an oom_score_adj (an integer -1000..1000)")
         elif kind is str:
             if not isinstance(value, str):
                 raise ConfigError(where, value, "is not a string")
