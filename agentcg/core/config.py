@@ -52,12 +52,6 @@ class DaemonConfig:
     watch_interval_ms: int = 500
     finished_keep: int = 1024
     log_level: str = "info"
-    # The kernel's OOM killer (at a session's or the budget's memory.max) takes
-    # the process with the largest RSS + oom_score_adj: agents get a protective
-    # value, tool calls a high one, and a call cgroup dies as a whole.
-    agent_oom_score_adj: int = -900
-    call_oom_score_adj: int = 500
-    call_oom_group: bool = True
     # The OOM killer's preference (/proc/<pid>/oom_score_adj, -1000..1000):
     # agent processes are protected, tool-call processes are the victims, and
     # a tool call's cgroup is killed whole (memory.oom.group).
@@ -218,9 +212,6 @@ def _daemon(tbl: Any) -> DaemonConfig:
         elif kind is int:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(where, value, "is not a non-negative integer")
-        elif kind == "oom_adj":
-            if isinstance(value, bool) or not isinstance(value, int) or not -1000 <= value <= 1000:
-                raise ConfigError(where, value, "is not an oom_score_adj (an integer -1000..1000)")
         elif kind is str:
             if not isinstance(value, str):
                 raise ConfigError(where, value, "is not a string")
