@@ -10,7 +10,14 @@ call that runs late (throttled, frozen) delays everything after it, as it
 would delay a real agent. A call process allocates and touches memory along
 its recorded profile and burns its recorded CPU share; time it loses is not
 made up. Writes a JSON result: start/end (CLOCK_MONOTONIC ns), every call's
-exit and the policy's feedback, and the start of every memory burst.
+exit and the policy's feedback. Next to it, `<out>.bursts` gets one line per
+memory event of a call, "<call> <t_ns> <bytes> <kind>":
+  burst  the recorded profile climbs by burst_min within the next recorded
+         second (logged when the climb starts);
+  mark   the call is about to allocate past its cgroup's memory.high (logged
+         before the allocation, once per memory.high value): from here the
+         kernel throttles it unless the policy raises the mark, so this is the
+         moment a policy has to act on.
 """
 from __future__ import annotations
 
@@ -60,9 +67,39 @@ def _interp(prof: list, t: float) -> float:
     return prev_b
 
 
-def run_call(call: CallPlan, speedup: float, burst_min: int, log_fd: int, n: int) -> None:
+class OwnCgroup:
+    """memory.high and memory.current of the cgroup this process runs in
+    (read with pread on fds kept open: a few microseconds per look)."""
+
+    def __init__(self, mount: str) -> None:
+        self.fds: dict[str, int] = {}
+        try:
+            with open("/proc/self/cgroup") as f:
+                rel = next((ln.split("::", 1)[1].strip() for ln in f if ln.startswith("0::")), None)
+            if rel is None:
+                return
+            for name in ("memory.high", "memory.current"):
+                self.fds[name] = os.open(os.path.join(mount, rel.lstrip("/"), name), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self.fds = {}
+
+    def read(self, name: str) -> int | None:
+        """The file's value; None for "max" or when it cannot be read."""
+        fd = self.fds.get(name)
+        if fd is None:
+            return None
+        try:
+            text = os.pread(fd, 64, 0).strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
+
+
+def run_call(call: CallPlan, speedup: float, burst_min: int, log_fd: int, n: int, mount: str = "") -> None:
     """The tool call's process body."""
     h = Holder()
+    own = OwnCgroup(mount) if mount else None
+    marked: int | None = None  # the memory.high already reported as reached
     dur = call.t_end - call.t_start
     tau = 0.0
     deadline = time.monotonic()
@@ -74,10 +111,16 @@ def run_call(call: CallPlan, speedup: float, burst_min: int, log_fd: int, n: int
         # a burst: the recorded profile climbs by burst_min within the next recorded second
         ahead = max([b for t, b in call.profile if tau < t <= tau + 1.0] + [target])
         if ahead - h.held >= burst_min and target > h.held and not in_burst:
-            os.write(log_fd, f"{n} {time.monotonic_ns()} {target - h.held}\n".encode())
+            os.write(log_fd, f"{n} {time.monotonic_ns()} {target - h.held} burst\n".encode())
             in_burst = True
         elif ahead <= h.held:
             in_burst = False
+        grow = target - h.held
+        if own is not None and grow > 0:
+            high = own.read("memory.high")
+            if high is not None and high != marked and (own.read("memory.current") or 0) + grow >= high:
+                os.write(log_fd, f"{n} {time.monotonic_ns()} {grow} mark\n".encode())
+                marked = high
         h.set(target)
         if call.cpu_frac > 0:
             end = time.perf_counter() + call.cpu_frac * STEP_S
@@ -103,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--priority", type=int, default=1)
     ap.add_argument("--speedup", type=float, default=10.0)
     ap.add_argument("--burst-min-bytes", type=int, default=32 << 20)
+    ap.add_argument("--cgroup-mount", default="/sys/fs/cgroup",
+                    help="cgroup2 mount, for each call's memory.high ('' = no mark events)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     with open(a.plan) as f:
@@ -167,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 os.close(w)
                 n = int(os.read(r, 32) or b"0")
                 if n:
-                    run_call(call, a.speedup, a.burst_min_bytes, log_fd, n)
+                    run_call(call, a.speedup, a.burst_min_bytes, log_fd, n, a.cgroup_mount)
             finally:
                 os._exit(0)
         os.close(r)

@@ -21,13 +21,14 @@ def table(params: dict, results: list[dict]) -> str:
             f"memory x{params['mem_scale']}, budget {params['budget_mb']} MB = {params['budget_mult']} x summed "
             f"average; unlimited peak {params['unlimited_peak_mb']} MB\n\n")
     rows = ["| policy | agents killed | tool calls killed | OOM kills | high JCT/solo p50 | high max | "
-            "low JCT/solo p50 | peak MB | mean MB | reaction p50/p99 ms |",
+            "low JCT/solo p50 | peak MB | mean MB | reaction p50/p99 ms (marks acted on) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         rows.append(f"| {LABEL.get(r['policy'], r['policy'])} | {r['agents_killed']} | {r['toolcalls_killed']} | "
                     f"{r['oom_events']} | {_f(r['high_jct_vs_solo_p50'])} | {_f(r['high_jct_vs_solo_max'])} | "
                     f"{_f(r['low_jct_vs_solo_p50'])} | {_f(r['mem_peak_mb'], 0)} | {_f(r['mem_mean_mb'], 0)} | "
-                    f"{_f(r['reaction_p50_ms'], 1)} / {_f(r['reaction_p99_ms'], 1)} |")
+                    f"{_f(r['reaction_p50_ms'], 1)} / {_f(r['reaction_p99_ms'], 1)} "
+                    f"({r.get('marks_with_action', 0)}/{r.get('marks', 0)}) |")
     return head + "\n".join(rows) + "\n"
 
 
