@@ -17,6 +17,7 @@ from typing import Any
 
 from agentcg.adapters.cgroupfs import CgroupFs
 from agentcg.adapters.executor import Applied, Executor
+from agentcg.adapters.procfs import swap_free_bytes
 from agentcg.adapters.psi import PsiUnsupported, SignalWatch, read_psi
 from agentcg.core.policy import (
     CallView, CgroupView, HostView, MemEvents, PolicyState, Psi, Ruleset, SessionView, Snapshot,
@@ -192,7 +193,19 @@ class PolicyLoop:
                 s.name, self._cg(s.rel), s.intent.priority or 0, self._cg(f"{s.rel}/agent", full=False),
                 tuple(calls), s.intent.memory_bytes, s.intent.memory_max_bytes, s.intent.cpu_class))
         budget = host_cg.memory_max_bytes
-        return Snapshot(time.monotonic_ns(), HostView(host_cg, budget), tuple(sessions), self.state)
+        return Snapshot(time.monotonic_ns(), HostView(host_cg, budget, self._swap()), tuple(sessions), self.state)
+
+    def _swap(self) -> int:
+        """Swap the tree can use: the host's free swap, within the root's
+        memory.swap.max (absent without swap accounting: the host's)."""
+        free = swap_free_bytes()
+        if free == 0:
+            return 0
+        cap = self.cgfs.read("", "memory.swap.max")
+        if cap is None:
+            return free
+        limit = _int(cap)
+        return free if limit is None else min(free, max(0, limit - (_int(self.cgfs.read("", "memory.swap.current"), 0) or 0)))
 
     def tick(self, signals) -> list[Applied]:
         for sig in signals:

@@ -54,3 +54,15 @@ def read_oom_score_adj(pid: int, *, proc: str = "/proc") -> int | None:
             return int(f.read().strip())
     except (OSError, ValueError):
         return None
+
+
+def swap_free_bytes(*, proc: str = "/proc") -> int:
+    """SwapFree of /proc/meminfo in bytes (0 when the host has no swap)."""
+    try:
+        with open(f"{proc}/meminfo") as f:
+            for line in f:
+                if line.startswith("SwapFree:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
