@@ -92,8 +92,10 @@ def feedback(stats: CallStats, limits: Limits, argv: Sequence[str] | None = None
         if peak is not None:
             nums["memory_peak_bytes"] = peak
         procs = f"{oom_kills} process{'es' if oom_kills != 1 else ''}"
-        if mmax is None or (peak is not None and peak < mmax * 9 // 10):
-            # not its own cap: the memory shared with other calls and sessions was full
+        if ev.get("oom", 0) == 0:
+            # memory.events counts "oom" at the cgroup whose limit was reached and
+            # its ancestors, "oom_kill" at the victim's: oom 0 here means a limit
+            # above the call (its session's cap or the shared budget) was reached
             items.append(FeedbackItem(
                 "oom_kill",
                 f"Out of memory: the memory budget this call shares with other tool calls and sessions "

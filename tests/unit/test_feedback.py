@@ -25,7 +25,7 @@ def test_oom_kill_names_limit_peak_and_suggests_narrower_pytest():
 
 
 def test_oom_kill_at_the_shared_budget_says_so_and_that_the_agent_keeps_running():
-    # no memory.max of its own: the kernel took it when the parent's budget was full
+    # oom_kill without oom: a limit above the call was reached (the shared budget)
     items = feedback(CallStats(memory_peak_bytes=40 * MiB,
                                memory_events={"high": 0, "max": 0, "oom": 0, "oom_kill": 3}),
                      Limits(), argv=["python", "-m", "pytest", "tests"])
