@@ -55,6 +55,7 @@ class DaemonConfig:
     # The OOM killer's preference (/proc/<pid>/oom_score_adj, -1000..1000):
     # agent processes are protected, tool-call processes are the victims, and
     # a tool call's cgroup is killed whole (memory.oom.group).
+    oom_score_adj: int = -1000     # the daemon's own: never the OOM killer's choice
     agent_oom_score_adj: int = -900
     call_oom_score_adj: int = 500
     call_oom_group: bool = True
@@ -96,7 +97,7 @@ _DAEMON_KEYS = {
     "state_path": str, "event_log": str, "max_message_bytes": "size",
     "require_controllers": bool, "controllers": list, "straggler_policy": str,
     "straggler_grace_ms": int, "use_systemd_cgroup": bool, "watch_interval_ms": int,
-    "finished_keep": int, "log_level": str, "agent_oom_score_adj": "adj", "call_oom_score_adj": "adj",
+    "finished_keep": int, "log_level": str, "oom_score_adj": "adj", "agent_oom_score_adj": "adj", "call_oom_score_adj": "adj",
     "call_oom_group": bool,
 }
 _GRANT_KEYS = ("memory_max", "cpu_max", "pids_max", "max_priority", "max_sessions")

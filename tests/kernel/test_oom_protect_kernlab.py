@@ -106,6 +106,7 @@ def test_budget_oom_kills_the_tool_call_not_the_larger_agent(request, tmp_path):
         agent, alive, r, call_adj, events = _run(d, root, procs)
         assert alive, f"the agent was killed; {events}"
         assert read_oom_score_adj(agent.pid) == -900
+        assert read_oom_score_adj(d.proc.pid) == -1000  # the daemon's leaf is inside the budget too
         assert call_adj == 500
         assert r.exit_status == 137, r.feedback_text()
         assert " oom_kill 0" not in " " + events.replace("\n", " "), events
