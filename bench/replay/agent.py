@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import signal
 import sys
@@ -37,10 +38,16 @@ STEP_S = 0.01
 
 
 class Holder:
-    """Holds `n` bytes of touched anonymous memory, in 4 MiB chunks."""
+    """Holds `n` bytes of touched anonymous memory, in 4 MiB chunks, each its
+    own anonymous mapping: a chunk given back is unmapped at once, and a
+    forked tool call can unmap the agent's chunks (release) so that it holds
+    only its own memory, as an exec'd tool would. (Without that, every call
+    process would map the agent's whole heap copy-on-write, its resident size
+    would equal the agent's, and the kernel's OOM killer would see calls as
+    big as agents.)"""
 
     def __init__(self) -> None:
-        self.chunks: list[bytearray] = []
+        self.chunks: list[mmap.mmap] = []
 
     @property
     def held(self) -> int:
@@ -49,11 +56,16 @@ class Holder:
     def set(self, n: int) -> None:
         want = (n + CHUNK // 2) // CHUNK
         while len(self.chunks) < want:
-            b = bytearray(CHUNK)
+            b = mmap.mmap(-1, CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             b[::4096] = b"\x01" * (CHUNK // 4096)  # fault every page in
             self.chunks.append(b)
         while len(self.chunks) > want:
-            self.chunks.pop()
+            self.chunks.pop().close()
+
+    def release(self) -> None:
+        """Unmap every chunk (in a forked child: the parent keeps its own)."""
+        while self.chunks:
+            self.chunks.pop().close()
 
 
 def _interp(prof: list, t: float) -> float:
@@ -210,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         if pid == 0:  # the tool call
             try:
                 os.close(w)
+                agent.release()  # a tool is a program of its own: it does not map the agent's memory
                 n = int(os.read(r, 32) or b"0")
                 if n:
                     run_call(call, a.speedup, a.burst_min_bytes, log_fd, n, a.cgroup_mount)
@@ -226,8 +239,12 @@ def main(argv: list[str] | None = None) -> int:
             results[k] = {"i": k, "error": str(exc), "killed": False}
             done[k] = time.monotonic()
             continue
-        os.write(w, str(n).encode())
-        os.close(w)
+        try:
+            os.write(w, str(n).encode())
+        except BrokenPipeError:
+            pass  # the call was killed before it read its number: its exit status says so
+        finally:
+            os.close(w)
         th = threading.Thread(target=finish, args=(k, pid, n, started), daemon=True)
         th.start()
         threads.append(th)
