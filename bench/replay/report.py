@@ -19,7 +19,9 @@ def _f(v, nd=2):
 def table(params: dict, results: list[dict]) -> str:
     head = (f"{params['sessions']} sessions ({params['priorities']} priorities), speed-up {params['speedup']}, "
             f"memory x{params['mem_scale']}, budget {params['budget_mb']} MB = {params['budget_mult']} x summed "
-            f"average; unlimited peak {params['unlimited_peak_mb']} MB\n\n")
+            f"average; unlimited peak {params['unlimited_peak_mb']} MB"
+            + (f"; agents alone peak {params['agents_alone_peak_mb']} MB" if "agents_alone_peak_mb" in params else "")
+            + "\n\n")
     rows = ["| policy | agents killed | tool calls killed | OOM kills | high JCT/solo p50 | high max | "
             "low JCT/solo p50 | peak MB | mean MB | reaction p50/p99 ms (marks acted on) |",
             "|---|---|---|---|---|---|---|---|---|---|"]

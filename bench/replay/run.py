@@ -227,6 +227,23 @@ class PolicyRun:
                 "timed_out": timed_out, "daemon_bytes": daemon_bytes}
 
 
+def agents_alone_peak(plans: list[SessionPlan]) -> int:
+    """The most the agents alone hold at once (recorded timelines, all
+    sessions starting together, no tool call memory): a budget below this
+    leaves the kernel nothing but an agent to take, whatever the policy."""
+    times = sorted({t for p in plans for t, _b in p.agent})
+    idx = [0] * len(plans)
+    cur = [0] * len(plans)
+    peak = 0
+    for t in times:
+        for k, p in enumerate(plans):
+            while idx[k] < len(p.agent) and p.agent[idx[k]][0] <= t:
+                cur[k] = p.agent[idx[k]][1]
+                idx[k] += 1
+        peak = max(peak, sum(cur))
+    return peak
+
+
 def reactions_ms(agents: list[dict], actions: list[dict], kind: str,
                  within_ns: int = 2_000_000_000) -> tuple[list[float], int]:
     """For every `kind` event of a call ("mark" or "burst", from the agents'
@@ -388,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
               "traces": sorted({p.trace for p in plans}), "max_duration_s": args.max_duration_s,
               "budget_mb": round(budget / MB, 1), "unlimited_peak_mb": unlimited,
               "summed_avg_mb": round(avg_sum / MB, 1), "summed_peak_mb": round(sum(p.peak_bytes for p in plans) / MB, 1),
+              "agents_alone_peak_mb": round(agents_alone_peak(plans) / MB, 1),
               "burst_min_mb": args.burst_min_mb,
               "solo_jct_s": solo, "host": os.uname().nodename, "kernel": os.uname().release}
     for r in results:

@@ -31,3 +31,10 @@ def test_actions_on_another_session_with_the_same_call_number_do_not_count():
     actions = [{"target": "s-r1/c-3", "t_ns": 101 * MS}]
     delays, open_ = run.reactions_ms([_agents()[0]], actions, "mark")
     assert delays == [] and open_ == 2
+
+
+def test_agents_alone_peak_is_the_largest_sum_of_the_agents_timelines():
+    from bench.replay.plan import SessionPlan
+    a = SessionPlan("a", 10, [(0.0, 10), (1.0, 90), (5.0, 20)], [], 0, 90)
+    b = SessionPlan("b", 10, [(0.0, 5), (2.0, 70), (3.0, 10)], [], 0, 70)
+    assert run.agents_alone_peak([a, b]) == 160   # 90 + 70 during [2, 3)
