@@ -56,7 +56,7 @@ class DaemonConfig:
     # agent processes are protected, tool-call processes are the victims, and
     # a tool call's cgroup is killed whole (memory.oom.group).
     oom_score_adj: int = -1000     # the daemon's own: never the OOM killer's choice
-    agent_oom_score_adj: int = -900
+    agent_oom_score_adj: int = -1000
     call_oom_score_adj: int = 500
     call_oom_group: bool = True
 

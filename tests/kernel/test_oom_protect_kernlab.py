@@ -4,7 +4,7 @@ A parent with a memory.max budget holds a session whose agent holds more
 memory than its tool call; the call pushes the parent over the budget. The
 memory cgroup's OOM killer picks the task with the largest resident memory
 plus oom_score_adj/1000 of the budget: agentcgd sets the agent's
-oom_score_adj to daemon.agent_oom_score_adj (-900) and the call's to
+oom_score_adj to daemon.agent_oom_score_adj (-1000) and the call's to
 daemon.call_oom_score_adj (+500), with memory.oom.group on the call's cgroup.
 So the call is killed whole, the agent survives and the call's result says
 why in plain words. With both values 0 the same load kills the agent (the
@@ -105,7 +105,7 @@ def test_budget_oom_kills_the_tool_call_not_the_larger_agent(request, tmp_path):
     try:
         agent, alive, r, call_adj, events = _run(d, root, procs)
         assert alive, f"the agent was killed; {events}"
-        assert read_oom_score_adj(agent.pid) == -900
+        assert read_oom_score_adj(agent.pid) == -1000
         assert read_oom_score_adj(d.proc.pid) == -1000  # the daemon's leaf is inside the budget too
         assert call_adj == 500
         assert r.exit_status == 137, r.feedback_text()

@@ -570,3 +570,17 @@ def test_a_new_lower_priority_call_starts_below_the_room_kept_for_higher_ones():
     s2 = snap([session("lo", 1, [lo], agent_bytes=400 * M)], budget=1 * G)
     [b] = [a for a in plan(s2, rules("burst_borrow")).actions if a.target == "s-lo/c-2"]
     assert b.new >= a.new
+
+
+def test_a_small_lower_priority_call_is_not_throttled_from_its_first_page_by_the_yield_room():
+    # 1G budget, 780M in use: nothing left below the room kept for hi, but 190M below the reserve mark
+    lo = call("lo", 2, cur=0, high=None)
+    s = snap([session("hi", 9, [], agent_bytes=380 * M), session("lo", 1, [lo], agent_bytes=400 * M)],
+             budget=1 * G)
+    [a] = [a for a in plan(s, rules("burst_borrow")).actions if a.target == "s-lo/c-2"]
+    assert a.new == 16 * M and "starts with up to 16M" in a.reason.detail
+    # where the budget itself is full, it gets only what is left
+    s2 = snap([session("hi", 9, [], agent_bytes=580 * M), session("lo", 1, [lo], agent_bytes=400 * M)],
+              budget=1 * G)
+    [b] = [a for a in plan(s2, rules("burst_borrow")).actions if a.target == "s-lo/c-2"]
+    assert b.new <= max(0, int(1 * G * 0.97) - 980 * M)

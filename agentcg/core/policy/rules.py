@@ -161,7 +161,8 @@ class BurstBorrow(RuleBase):
     them) while they still hold little, so that the higher priorities'
     bursts are served from free memory and nothing has to be killed for
     them. Such a wait is a "yield" finding, which drives no ladder step and
-    no kill. A call that has lower priorities below it
+    no kill. A new call still starts with min_call_bytes where the free
+    budget has it, so small calls (a read, an edit) are not throttled. A call that has lower priorities below it
     borrows in larger steps (priority_step_pct of what is available to it, up
     to priority_step_max_bytes), because bursts of 1-2 GB within a second
     happen. The calls of the highest priority present, when lower priorities
@@ -179,7 +180,7 @@ class BurstBorrow(RuleBase):
     reaches it (the kill step may act).
     Without a host budget (the root's memory.max is "max") there is nothing to
     ration and calls run unmarked.
-    {name = "burst_borrow", args = {default_call_bytes = "64M", step_min_bytes = "64M", step_pct = 50.0, reserve_pct = 3.0, yield_pct = 20.0}}"""
+    {name = "burst_borrow", args = {default_call_bytes = "64M", step_min_bytes = "64M", step_pct = 50.0, reserve_pct = 3.0, yield_pct = 20.0, min_call_bytes = "16M"}}"""
 
     default_call_bytes: int = 64 << 20
     step_min_bytes: int = 64 << 20
@@ -190,6 +191,7 @@ class BurstBorrow(RuleBase):
     priority_step_pct: float = 25.0
     priority_step_max_bytes: int = 1 << 30
     yield_pct: float = 20.0
+    min_call_bytes: int = 16 << 20
 
     def _asking(self, call: CallView, high: int | None) -> bool:
         return high is not None and (call.cg.events_delta.high > 0
@@ -228,6 +230,12 @@ class BurstBorrow(RuleBase):
                     start = min(intent, cur + max(0, budget - host.usage_bytes))
                     if new < start:
                         new, floor = start, "; the highest priority present starts at its intent"
+                elif yields and new < cur + self.min_call_bytes:
+                    # the room kept for higher priorities does not throttle a small call
+                    # (a read, an edit) from its first page: min_call_bytes, where free
+                    start = cur + min(self.min_call_bytes, max(0, available_to(ctx, sess.priority, limit)))
+                    if new < start:
+                        new, floor = start, f"; a call starts with up to {fb(self.min_call_bytes)}"
                 ctx.set(call.cg, "memory.high", new, Reason(
                     self.rule_name, f"new call, intent {fb(intent)}", op="", threshold="",
                     detail=f"host free {fb(max(0, limit - host.usage_bytes))}, available to priority "
