@@ -194,6 +194,7 @@ class PolicyRun:
         stop.set()
         th.join()
         mev = kv(read(self.root / "memory.events"))
+        policy_status = self.policy_status()
         daemon.send_signal(signal.SIGTERM)
         try:
             daemon.wait(20)
@@ -224,7 +225,18 @@ class PolicyRun:
                 if ev.get("type") == "policy.action":
                     actions.append(ev)
         return {"agents": agents, "memory_events": mev, "samples": self.samples, "actions": actions,
-                "timed_out": timed_out, "daemon_bytes": daemon_bytes}
+                "timed_out": timed_out, "daemon_bytes": daemon_bytes, "policy_status": policy_status}
+
+    def policy_status(self) -> dict:
+        """The daemon's own timings (tick cost; memory.events wake -> first
+        action written), from `status` before it stops; {} if not offered."""
+        try:
+            from agentcg.client import Client
+            hooks = Client(self.socket).request("status").get("hooks") or {}
+        except Exception:
+            return {}
+        pol = hooks.get("policy") or {}
+        return {k: pol[k] for k in ("tick_us", "signal_to_action_us", "ticks") if k in pol}
 
 
 def agents_alone_peak(plans: list[SessionPlan]) -> int:
@@ -319,6 +331,8 @@ def summarize(policy: str, raw: dict, solo: dict[str, float], budget: int | None
         "burst_note": "burst start (a call's recorded profile climbs by burst_min_mb within a recorded second) "
                       "-> first policy action on that call's cgroup within 2 s (a burst that stays within its "
                       "memory.high needs none)",
+        "daemon_signal_to_action_us": (raw.get("policy_status") or {}).get("signal_to_action_us"),
+        "daemon_tick_us": (raw.get("policy_status") or {}).get("tick_us"),
         "policy_actions": len(raw["actions"]),
         "action_kinds": {k: sum(1 for e in raw["actions"] if e.get("kind") == k) for k in ("set", "freeze", "thaw", "kill")},
         "tool_calls": len(calls),
