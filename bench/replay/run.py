@@ -303,6 +303,7 @@ def summarize(policy: str, raw: dict, solo: dict[str, float], budget: int | None
     return {
         "policy": policy,
         "agents_killed": killed_agents,
+        "agent_returncodes": [a["returncode"] for a in agents],
         "toolcalls_killed": tc_killed,
         "oom_events": raw["memory_events"].get("oom_kill", 0),
         "oom_raised": raw["memory_events"].get("oom", 0),
