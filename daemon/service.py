@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator
 
 from agentcg import protocol as p
 from agentcg.adapters.cgroupfs import CgroupFs, CgroupGone, pid_cgroup
-from agentcg.adapters.procfs import set_oom_score_adj
+from agentcg.adapters.procfs import read_oom_score_adj, set_oom_score_adj
 from agentcg.core.config import Config
 from agentcg.core.feedback import feedback
 from agentcg.core.intents import (BudgetError, Intent, IntentError, call_limits,
@@ -417,12 +417,19 @@ class Daemon:
         pid = msg.get("pid")
         check_pid(pid, peer, child_only=False, own_pid=self.own_pid)
         origin = pid_cgroup(pid) or "/"
+        # protected before it enters the budget: at a full budget the OOM killer
+        # must never find it there at its old value
+        old_adj = read_oom_score_adj(pid)
+        self.oom_prefer(pid, "agent")
         try:
             self.cgfs.place(f"{s.rel}/agent", pid)
         except ProcessLookupError:
             raise p.ProtocolError(p.E_BAD_PID, f"pid: {pid} exited") from None
+        except OSError:
+            if old_adj is not None and self.mount is not None:
+                set_oom_score_adj(pid, old_adj)  # not attached: not protected either
+            raise
         s.attached[pid] = origin
-        self.oom_prefer(pid, "agent")
         self.save()
         self.emit({"type": "session.attach", "uid": s.uid, "session": s.name, "pid": pid})
         return {"cgroup": str(self.cgfs.path(f"{s.rel}/agent"))}
