@@ -29,6 +29,7 @@ from typing import Any
 
 from agentcg import protocol as p
 from agentcg.adapters.cgroupfs import (CgroupFs, detect_hierarchy, mount_of, pid_cgroup)
+from agentcg.adapters.procfs import set_oom_score_adj
 from agentcg.core.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config_text
 
 from .hooks import Hooks
@@ -118,6 +119,10 @@ def prepare(config: Config, environ: dict[str, str] | None = None) -> Daemon:
         cgfs.enable_down_to_root(mount, cfg.controllers)
     cgfs.create("daemon")
     cgfs.place("daemon", os.getpid())
+    # its own leaf is inside the budget: agents (-900) and calls (+500) must
+    # not leave the daemon as the OOM killer's largest candidate
+    if os.geteuid() == 0:
+        set_oom_score_adj(os.getpid(), cfg.oom_score_adj)
     try:
         daemon.enabled_controllers = cgfs.enable_controllers("", cfg.controllers)
     except OSError as exc:

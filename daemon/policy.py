@@ -17,6 +17,7 @@ from typing import Any
 
 from agentcg.adapters.cgroupfs import CgroupFs
 from agentcg.adapters.executor import Applied, Executor
+from agentcg.adapters.procfs import swap_free_bytes
 from agentcg.adapters.psi import PsiUnsupported, SignalWatch, read_psi
 from agentcg.core.policy import (
     CallView, CgroupView, HostView, MemEvents, PolicyState, Psi, Ruleset, SessionView, Snapshot,
@@ -54,6 +55,15 @@ def _events(text: str | None) -> MemEvents:
     return MemEvents(kv.get("low", 0), kv.get("high", 0), kv.get("max", 0), kv.get("oom", 0), kv.get("oom_kill", 0))
 
 
+def _pcts(values) -> dict:
+    """p50/p99/max in microseconds of a window of nanosecond values."""
+    xs = sorted(values)
+    if not xs:
+        return {"count": 0}
+    pick = lambda q: round(xs[min(len(xs) - 1, int(q * len(xs)))] / 1000, 1)  # noqa: E731
+    return {"count": len(xs), "p50": pick(0.5), "p99": pick(0.99), "max": round(xs[-1] / 1000, 1)}
+
+
 class PolicyLoop:
     name = "policy"
 
@@ -72,6 +82,9 @@ class PolicyLoop:
         self.psi_stall_us = psi_stall_us
         self.psi_window_us = psi_window_us
         self.ticks = 0
+        # how long a tick takes, and a memory.events signal -> the first action it led to
+        self.tick_ns: collections.deque[int] = collections.deque(maxlen=1000)
+        self.signal_to_action_ns: collections.deque[int] = collections.deque(maxlen=1000)
         self.daemon = None
         self.wake_in_ns: int | None = None
         self._pending: dict[str, list[TriggerEvent]] = {}
@@ -118,6 +131,7 @@ class PolicyLoop:
     def status(self) -> dict:
         return {"dry_run": self.dry_run, "rules": self.ruleset.names(), "ladder_level": self.state.level,
                 "frozen": list(self.state.frozen), "ticks": self.ticks,
+                "tick_us": _pcts(self.tick_ns), "signal_to_action_us": _pcts(self.signal_to_action_ns),
                 "last_actions": [a.to_dict() for a in self.last]}
 
     def _tick_soon(self) -> None:
@@ -207,9 +221,23 @@ class PolicyLoop:
                 s.name, self._cg(s.rel), s.intent.priority or 0, self._cg(f"{s.rel}/agent", full=False),
                 tuple(calls), s.intent.memory_bytes, s.intent.memory_max_bytes, s.intent.cpu_class))
         budget = host_cg.memory_max_bytes
-        return Snapshot(time.monotonic_ns(), HostView(host_cg, budget), tuple(sessions), self.state)
+        return Snapshot(time.monotonic_ns(), HostView(host_cg, budget, self._swap()), tuple(sessions), self.state)
+
+    def _swap(self) -> int:
+        """Swap the tree can use: the host's free swap, within the root's
+        memory.swap.max (absent without swap accounting: the host's)."""
+        free = swap_free_bytes()
+        if free == 0:
+            return 0
+        cap = self.cgfs.read("", "memory.swap.max")
+        if cap is None:
+            return free
+        limit = _int(cap)
+        return free if limit is None else min(free, max(0, limit - (_int(self.cgfs.read("", "memory.swap.current"), 0) or 0)))
 
     def tick(self, signals) -> list[Applied]:
+        t0 = time.monotonic_ns()
+        woke = min((sig.t_ns for sig in signals if sig.source == "events"), default=None)
         for sig in signals:
             if sig.source == "psi":
                 self._pending.setdefault(sig.key, []).append(TriggerEvent(sig.kind, sig.stall_us, sig.window_us))
@@ -234,4 +262,7 @@ class PolicyLoop:
             if "/c-" in action.target:
                 self.call_notes.setdefault(action.target, []).append(
                     {"kind": action.kind, "line": applied.line(), "feedback": action.feedback})
+        self.tick_ns.append(time.monotonic_ns() - t0)
+        if woke is not None and done:
+            self.signal_to_action_ns.append(max(0, done[0].t_ns - woke))
         return done

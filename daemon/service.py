@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator
 
 from agentcg import protocol as p
 from agentcg.adapters.cgroupfs import CgroupFs, CgroupGone, pid_cgroup
+from agentcg.adapters.procfs import read_oom_score_adj, set_oom_score_adj
 from agentcg.core.config import Config
 from agentcg.core.feedback import feedback
 from agentcg.core.intents import (BudgetError, Intent, IntentError, call_limits,
@@ -127,6 +128,7 @@ class Daemon:
         end then reads each with one pread); False if it cannot be made."""
         try:
             self.cgfs.create(rel)
+            self._call_oom_group(rel)
         except OSError as exc:
             log.warning("cannot make a spare call cgroup %s: %s", rel, exc)
             return False
@@ -189,7 +191,31 @@ class Daemon:
             n = s.next_call
             s.next_call += 1
         self.cgfs.create(f"{s.rel}/c-{n}")
+        self._call_oom_group(f"{s.rel}/c-{n}")
         return n
+
+    # -- the OOM killer's preference: a tool call, never the agent ----------
+    def _call_oom_group(self, rel: str) -> None:
+        """memory.oom.group = 1 on a call cgroup: a kernel OOM kill takes the
+        whole call (never leaves half a build running)."""
+        if not self.cfg.call_oom_group:
+            return
+        try:
+            self.cgfs._write(rel, "memory.oom.group", "1")
+        except OSError:
+            pass  # no memory controller here: nothing to group
+
+    def oom_prefer(self, pid: int, role: str, session: Any = None) -> None:
+        """oom_score_adj of a placed process: daemon.agent_oom_score_adj for an
+        agent (role "agent"); for a tool call, call_oom_score_adj raised by its
+        session's distance from the highest priority. Only on a real cgroup2
+        tree (fake trees in tests hold no such processes)."""
+        if self.mount is None:
+            return
+        set_oom_score_adj(pid, self.cfg.agent_oom_score_adj if role == "agent" else self.call_oom_adj(session))
+
+    def call_oom_adj(self, session: Any) -> int:
+        return self.cfg.call_oom_score_adj_for(session.intent.priority if session is not None else None)
 
     # -- persistence & events ----------------------------------------------
     def save(self) -> None:
@@ -400,10 +426,18 @@ class Daemon:
         pid = msg.get("pid")
         check_pid(pid, peer, child_only=False, own_pid=self.own_pid)
         origin = pid_cgroup(pid) or "/"
+        # protected before it enters the budget: at a full budget the OOM killer
+        # must never find it there at its old value
+        old_adj = read_oom_score_adj(pid)
+        self.oom_prefer(pid, "agent")
         try:
             self.cgfs.place(f"{s.rel}/agent", pid)
         except ProcessLookupError:
             raise p.ProtocolError(p.E_BAD_PID, f"pid: {pid} exited") from None
+        except OSError:
+            if old_adj is not None and self.mount is not None:
+                set_oom_score_adj(pid, old_adj)  # not attached: not protected either
+            raise
         s.attached[pid] = origin
         self.save()
         self.emit({"type": "session.attach", "uid": s.uid, "session": s.name, "pid": pid})
@@ -468,6 +502,7 @@ class Daemon:
                                          f"call {name or n} intent {intent.describe() or '(defaults)'}")
             if placement == "pid":
                 self.cgfs.place(c.rel, pid)
+                self.oom_prefer(pid, "call", s)
             else:
                 fd = self.cgfs.open_dir(c.rel)
         except ProcessLookupError:
@@ -487,7 +522,9 @@ class Daemon:
                  "adjustments": [a.to_dict() for a in adjustments], "skipped_files": res["skipped"]}
         if fd is not None:
             # hooks and the event wait for call.started, which names the pid
-            reply.update(placement="clone_into", cgroup_fd=True, _fds=[fd])
+            # the child sets its own oom_score_adj before exec (raising needs no privilege)
+            reply.update(placement="clone_into", cgroup_fd=True, _fds=[fd],
+                         oom_score_adj=self.call_oom_adj(s) if self.mount is not None else None)
             return reply
         self.hooks.call_start(s, c, self.cgfs.path(c.rel))
         self.emit({"type": "call.start", "uid": s.uid, "session": s.name, "call": n, "name": name,
@@ -522,6 +559,7 @@ class Daemon:
             except OSError as exc:
                 raise p.ProtocolError(p.E_CGROUP, f"cannot place pid {pid} in {c.rel}: {exc}") from None
             placed = "pid"
+        self.oom_prefer(pid, "call", s)  # for clients that do not set it in the child
         c.pid = pid
         # the child runs already: the hooks see the call after this reply
         self._starting[(s.name, n)] = placed

@@ -786,6 +786,7 @@ class BpfHook:
         for pid in d.pids[1:]:
             try:
                 daemon.cgfs.place(rel, pid)
+                daemon.oom_prefer(pid, "call", s)  # forked by the agent before placement: still protected
             except (ProcessLookupError, FileNotFoundError, OSError):
                 pass
         self.attr.call_placed(d.session, n, d.pids, root_pid=d.root_pid)
@@ -808,6 +809,7 @@ class BpfHook:
         elif isinstance(d, MoveToCall):
             try:
                 daemon.cgfs.place(f"s-{d.session}/c-{d.call}", d.pid)
+                daemon.oom_prefer(d.pid, "call", daemon.sessions.get(d.session))
             except (ProcessLookupError, FileNotFoundError, OSError):
                 pass
         elif isinstance(d, CallFinished):

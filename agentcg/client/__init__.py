@@ -372,7 +372,7 @@ class ToolCall:
                 if not fds:
                     raise ProtocolError(p.E_INTERNAL, "call.start: no cgroup fd came with the reply")
                 try:
-                    proc = _clone.spawn(prep, fds[0])
+                    proc = _clone.spawn(prep, fds[0], reply.get("oom_score_adj"))
                 except OSError as exc:
                     if exc.errno not in _clone.FALLBACK_ERRNOS:
                         raise

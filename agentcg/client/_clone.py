@@ -7,7 +7,7 @@ threadgroup lock for writing, which waits for an RCU grace period).
 
 Everything the child needs (argv, envp, paths, fds) is built as C data before
 the clone; the child only calls C functions through ctypes (dup2, chdir,
-signal, execve, write, _exit) and never returns to the caller's code. A failed
+signal, open, write, close, execve, _exit) and never returns to the caller's code. A failed
 execve writes its errno to a close-on-exec pipe and exits 127, the usual
 exec-error pipe: the parent reads 0 bytes when the exec worked.
 
@@ -72,6 +72,8 @@ def libc() -> Any:
                            ("chdir", [ctypes.c_char_p]),
                            ("fcntl", [ctypes.c_int, ctypes.c_int, ctypes.c_int]),
                            ("write", [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]),
+                           ("open", [ctypes.c_char_p, ctypes.c_int]),
+                           ("close", [ctypes.c_int]),
                            ("_exit", [ctypes.c_int])):
             fn = getattr(lib, name)
             fn.argtypes = args
@@ -316,19 +318,31 @@ def posix_spawn(prep: Prepared, cgroup_fd: int) -> "ClonedProcess | None":
     return proc
 
 
-def spawn(prep: Prepared, cgroup_fd: int) -> ClonedProcess:
+def spawn(prep: Prepared, cgroup_fd: int, oom_score_adj: int | None = None) -> ClonedProcess:
     """Start the prepared command inside the cgroup behind `cgroup_fd`:
-    posix_spawn where the C library can, else clone3 and exec. Raises
-    OSError (errno from clone3: ENOSYS, EPERM, EACCES...) when the child
-    could not be created; an exec failure is reported by the returned
+    posix_spawn where the C library can, else clone3 and exec.
+    oom_score_adj: the daemon's value for tool calls (the OOM killer takes
+    them before the agent; raising it needs no privilege), inherited by every
+    process of the call. On the clone3 path the child writes it before its
+    exec; posix_spawn has no such hook, so the caller writes it right after
+    the spawn (until then the child keeps the agent's value: the race can
+    only spare the tool, never expose the agent). Raises OSError (errno from
+    clone3: ENOSYS, EPERM, EACCES...) when the child could not be created; an
+    exec failure is reported by the returned
     process (exit 127, `exec_errno`)."""
     proc = posix_spawn(prep, cgroup_fd)
     if proc is not None:
+        if oom_score_adj is not None:
+            try:
+                with open(f"/proc/{proc.pid}/oom_score_adj", "w") as f:
+                    f.write(str(int(oom_score_adj)))
+            except OSError:
+                pass  # already gone: nothing to protect against
         return proc
-    return clone3_spawn(prep, cgroup_fd)
+    return clone3_spawn(prep, cgroup_fd, oom_score_adj)
 
 
-def clone3_spawn(prep: Prepared, cgroup_fd: int) -> ClonedProcess:
+def clone3_spawn(prep: Prepared, cgroup_fd: int, oom_score_adj: int | None = None) -> ClonedProcess:
     """clone3 into the cgroup behind `cgroup_fd` and exec the prepared command
     (a fork of the caller; see the module docstring)."""
     lib = libc()
@@ -340,6 +354,8 @@ def clone3_spawn(prep: Prepared, cgroup_fd: int) -> ClonedProcess:
     dups = prep.dups
     pass_fds = prep.pass_fds
     c_path, c_argv, c_envp, c_cwd = prep.path, prep.c_argv, prep.c_envp, prep.cwd
+    adj = None if oom_score_adj is None else ctypes.create_string_buffer(str(int(oom_score_adj)).encode())
+    adj_len = 0 if adj is None else len(adj.value)
     try:
         pid = lib.syscall(SYS_clone3, ctypes.byref(args), ctypes.c_size_t(CLONE_ARGS_SIZE_VER2))
         if pid == 0:  # the child: C calls only, never back to the caller
@@ -351,6 +367,11 @@ def clone3_spawn(prep: Prepared, cgroup_fd: int) -> ClonedProcess:
                     lib.dup2(src, target)
                 for fd in pass_fds:
                     lib.fcntl(fd, F_SETFD, 0)
+                if adj is not None:
+                    afd = lib.open(b"/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+                    if afd >= 0:
+                        lib.write(afd, adj, adj_len)
+                        lib.close(afd)
                 if c_cwd is None or lib.chdir(c_cwd) == 0:
                     lib.execve(c_path, c_argv, c_envp)
                 err.value = ctypes.get_errno()

@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from agentcg.core.intents import PRIORITY_MAX, PRIORITY_MIN, Intent, IntentError
+from agentcg.core.intents import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, Intent, IntentError
 from agentcg.core.model import Grant
 from agentcg.units import UnitError, parse_bytes
 
@@ -52,7 +52,25 @@ class DaemonConfig:
     watch_interval_ms: int = 500
     finished_keep: int = 1024
     log_level: str = "info"
+    # The OOM killer's preference (/proc/<pid>/oom_score_adj, -1000..1000):
+    # agent processes are protected, tool-call processes are the victims, and
+    # a tool call's cgroup is killed whole (memory.oom.group).
+    oom_score_adj: int = -1000     # the daemon's own: never the OOM killer's choice
+    agent_oom_score_adj: int = -1000
+    call_oom_score_adj: int = 500
+    call_oom_priority_step: int = 40  # added per priority level below the highest (10)
+    call_oom_group: bool = True
 
+
+    def call_oom_score_adj_for(self, priority: int | None) -> int:
+        """A tool call's oom_score_adj: call_oom_score_adj, plus
+        call_oom_priority_step for each priority level its session is below
+        the highest, so that at a full budget the kernel's OOM killer (which
+        ranks by size + oom_score_adj/1000 of the budget) takes lower
+        priorities' calls first unless a higher one is much larger."""
+        prio = PRIORITY_DEFAULT if priority is None else priority
+        return max(-1000, min(1000, self.call_oom_score_adj
+                              + max(0, PRIORITY_MAX - prio) * self.call_oom_priority_step))
     @property
     def socket(self) -> str:
         return self.socket_path or f"{self.runtime_dir.rstrip('/')}/agentcg.sock"
@@ -106,7 +124,8 @@ _DAEMON_KEYS = {
     "state_path": str, "event_log": str, "max_message_bytes": "size",
     "require_controllers": bool, "controllers": list, "straggler_policy": str,
     "straggler_grace_ms": int, "use_systemd_cgroup": bool, "watch_interval_ms": int,
-    "finished_keep": int, "log_level": str,
+    "finished_keep": int, "log_level": str, "oom_score_adj": "adj", "agent_oom_score_adj": "adj", "call_oom_score_adj": "adj", "call_oom_priority_step": int,
+    "call_oom_group": bool,
 }
 _GRANT_KEYS = ("memory_max", "cpu_max", "pids_max", "max_priority", "max_sessions")
 _KNOWN_CONTROLLERS = ("cpu", "memory", "pids", "io")
@@ -243,6 +262,9 @@ def _daemon(tbl: Any) -> DaemonConfig:
         elif kind is bool:
             if not isinstance(value, bool):
                 raise ConfigError(where, value, "is not true or false")
+        elif kind == "adj":
+            if isinstance(value, bool) or not isinstance(value, int) or not -1000 <= value <= 1000:
+                raise ConfigError(where, value, "is not an oom_score_adj (an integer -1000..1000)")
         elif kind is int:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(where, value, "is not a non-negative integer")

@@ -91,13 +91,25 @@ def feedback(stats: CallStats, limits: Limits, argv: Sequence[str] | None = None
             nums["memory_max_bytes"] = mmax
         if peak is not None:
             nums["memory_peak_bytes"] = peak
-        items.append(FeedbackItem(
-            "oom_kill",
-            f"Out of memory: the kernel killed {oom_kills} process{'es' if oom_kills != 1 else ''} of this "
-            f"call when it reached its memory.max of {format_bytes(mmax)} (peak {peak_s}).",
-            f"The work needs more than {format_bytes(mmax)}: {narrower}, or declare "
-            f"memory_max={_mb_up(mmax or peak or 0)} if the session budget allows it.",
-            nums))
+        procs = f"{oom_kills} process{'es' if oom_kills != 1 else ''}"
+        if ev.get("oom", 0) == 0:
+            # memory.events counts "oom" at the cgroup whose limit was reached and
+            # its ancestors, "oom_kill" at the victim's: oom 0 here means a limit
+            # above the call (its session's cap or the shared budget) was reached
+            items.append(FeedbackItem(
+                "oom_kill",
+                f"Out of memory: the memory budget this call shares with other tool calls and sessions "
+                f"was full, and the kernel killed {procs} of this call (peak {peak_s}). The agent keeps running.",
+                f"Retry when fewer tool calls run, or {narrower}.",
+                nums))
+        else:
+            items.append(FeedbackItem(
+                "oom_kill",
+                f"Out of memory: the kernel killed {procs} of this "
+                f"call when it reached its memory.max of {format_bytes(mmax)} (peak {peak_s}).",
+                f"The work needs more than {format_bytes(mmax)}: {narrower}, or declare "
+                f"memory_max={_mb_up(mmax or peak or 0)} if the session budget allows it.",
+                nums))
     elif ev.get("max", 0) > 0:
         nums = {"max_events": ev["max"]}
         if mmax is not None:

@@ -10,12 +10,20 @@ call that runs late (throttled, frozen) delays everything after it, as it
 would delay a real agent. A call process allocates and touches memory along
 its recorded profile and burns its recorded CPU share; time it loses is not
 made up. Writes a JSON result: start/end (CLOCK_MONOTONIC ns), every call's
-exit and the policy's feedback, and the start of every memory burst.
+exit and the policy's feedback. Next to it, `<out>.bursts` gets one line per
+memory event of a call, "<call> <t_ns> <bytes> <kind>":
+  burst  the recorded profile climbs by burst_min within the next recorded
+         second (logged when the climb starts);
+  mark   the call is about to allocate past its cgroup's memory.high (logged
+         before the allocation, once per memory.high value): from here the
+         kernel throttles it unless the policy raises the mark, so this is the
+         moment a policy has to act on.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import signal
 import sys
@@ -30,10 +38,16 @@ STEP_S = 0.01
 
 
 class Holder:
-    """Holds `n` bytes of touched anonymous memory, in 4 MiB chunks."""
+    """Holds `n` bytes of touched anonymous memory, in 4 MiB chunks, each its
+    own anonymous mapping: a chunk given back is unmapped at once, and a
+    forked tool call can unmap the agent's chunks (release) so that it holds
+    only its own memory, as an exec'd tool would. (Without that, every call
+    process would map the agent's whole heap copy-on-write, its resident size
+    would equal the agent's, and the kernel's OOM killer would see calls as
+    big as agents.)"""
 
     def __init__(self) -> None:
-        self.chunks: list[bytearray] = []
+        self.chunks: list[mmap.mmap] = []
 
     @property
     def held(self) -> int:
@@ -42,11 +56,16 @@ class Holder:
     def set(self, n: int) -> None:
         want = (n + CHUNK // 2) // CHUNK
         while len(self.chunks) < want:
-            b = bytearray(CHUNK)
+            b = mmap.mmap(-1, CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             b[::4096] = b"\x01" * (CHUNK // 4096)  # fault every page in
             self.chunks.append(b)
         while len(self.chunks) > want:
-            self.chunks.pop()
+            self.chunks.pop().close()
+
+    def release(self) -> None:
+        """Unmap every chunk (in a forked child: the parent keeps its own)."""
+        while self.chunks:
+            self.chunks.pop().close()
 
 
 def _interp(prof: list, t: float) -> float:
@@ -60,9 +79,39 @@ def _interp(prof: list, t: float) -> float:
     return prev_b
 
 
-def run_call(call: CallPlan, speedup: float, burst_min: int, log_fd: int, n: int) -> None:
+class OwnCgroup:
+    """memory.high and memory.current of the cgroup this process runs in
+    (read with pread on fds kept open: a few microseconds per look)."""
+
+    def __init__(self, mount: str) -> None:
+        self.fds: dict[str, int] = {}
+        try:
+            with open("/proc/self/cgroup") as f:
+                rel = next((ln.split("::", 1)[1].strip() for ln in f if ln.startswith("0::")), None)
+            if rel is None:
+                return
+            for name in ("memory.high", "memory.current"):
+                self.fds[name] = os.open(os.path.join(mount, rel.lstrip("/"), name), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self.fds = {}
+
+    def read(self, name: str) -> int | None:
+        """The file's value; None for "max" or when it cannot be read."""
+        fd = self.fds.get(name)
+        if fd is None:
+            return None
+        try:
+            text = os.pread(fd, 64, 0).strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
+
+
+def run_call(call: CallPlan, speedup: float, burst_min: int, log_fd: int, n: int, mount: str = "") -> None:
     """The tool call's process body."""
     h = Holder()
+    own = OwnCgroup(mount) if mount else None
+    marked: int | None = None  # the memory.high already reported as reached
     dur = call.t_end - call.t_start
     tau = 0.0
     deadline = time.monotonic()
@@ -74,10 +123,16 @@ def run_call(call: CallPlan, speedup: float, burst_min: int, log_fd: int, n: int
         # a burst: the recorded profile climbs by burst_min within the next recorded second
         ahead = max([b for t, b in call.profile if tau < t <= tau + 1.0] + [target])
         if ahead - h.held >= burst_min and target > h.held and not in_burst:
-            os.write(log_fd, f"{n} {time.monotonic_ns()} {target - h.held}\n".encode())
+            os.write(log_fd, f"{n} {time.monotonic_ns()} {target - h.held} burst\n".encode())
             in_burst = True
         elif ahead <= h.held:
             in_burst = False
+        grow = target - h.held
+        if own is not None and grow > 0:
+            high = own.read("memory.high")
+            if high is not None and high != marked and (own.read("memory.current") or 0) + grow >= high:
+                os.write(log_fd, f"{n} {time.monotonic_ns()} {grow} mark\n".encode())
+                marked = high
         h.set(target)
         if call.cpu_frac > 0:
             end = time.perf_counter() + call.cpu_frac * STEP_S
@@ -103,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--priority", type=int, default=1)
     ap.add_argument("--speedup", type=float, default=10.0)
     ap.add_argument("--burst-min-bytes", type=int, default=32 << 20)
+    ap.add_argument("--cgroup-mount", default="/sys/fs/cgroup",
+                    help="cgroup2 mount, for each call's memory.high ('' = no mark events)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     with open(a.plan) as f:
@@ -165,9 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         if pid == 0:  # the tool call
             try:
                 os.close(w)
+                agent.release()  # a tool is a program of its own: it does not map the agent's memory
                 n = int(os.read(r, 32) or b"0")
                 if n:
-                    run_call(call, a.speedup, a.burst_min_bytes, log_fd, n)
+                    run_call(call, a.speedup, a.burst_min_bytes, log_fd, n, a.cgroup_mount)
             finally:
                 os._exit(0)
         os.close(r)
@@ -181,8 +239,12 @@ def main(argv: list[str] | None = None) -> int:
             results[k] = {"i": k, "error": str(exc), "killed": False}
             done[k] = time.monotonic()
             continue
-        os.write(w, str(n).encode())
-        os.close(w)
+        try:
+            os.write(w, str(n).encode())
+        except BrokenPipeError:
+            pass  # the call was killed before it read its number: its exit status says so
+        finally:
+            os.close(w)
         th = threading.Thread(target=finish, args=(k, pid, n, started), daemon=True)
         th.start()
         threads.append(th)

@@ -19,16 +19,23 @@ def _f(v, nd=2):
 def table(params: dict, results: list[dict]) -> str:
     head = (f"{params['sessions']} sessions ({params['priorities']} priorities), speed-up {params['speedup']}, "
             f"memory x{params['mem_scale']}, budget {params['budget_mb']} MB = {params['budget_mult']} x summed "
-            f"average; unlimited peak {params['unlimited_peak_mb']} MB\n\n")
-    rows = ["| policy | agents killed | tool calls killed | OOM kills | high JCT/solo p50 | high max | "
-            "low JCT/solo p50 | peak MB | mean MB | reaction p50/p99 ms |",
+            f"average; unlimited peak {params['unlimited_peak_mb']} MB"
+            + (f"; agents alone peak {params['agents_alone_peak_mb']} MB" if "agents_alone_peak_mb" in params else "")
+            + "\n\n")
+    rows = ["| policy | agents lost | tool calls killed | OOM kills | high JCT/solo p50 | high max | "
+            "low JCT/solo p50 | peak MB | mean MB | reaction p50/p99 ms (marks acted on) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        rows.append(f"| {LABEL.get(r['policy'], r['policy'])} | {r['agents_killed']} | {r['toolcalls_killed']} | "
+        hung = r.get("sessions_timed_out") or 0
+        lost = f"{r['agents_killed']} ({hung} hung)" if hung else str(r["agents_killed"])
+        rows.append(f"| {LABEL.get(r['policy'], r['policy'])} | {lost} | {r['toolcalls_killed']} | "
                     f"{r['oom_events']} | {_f(r['high_jct_vs_solo_p50'])} | {_f(r['high_jct_vs_solo_max'])} | "
                     f"{_f(r['low_jct_vs_solo_p50'])} | {_f(r['mem_peak_mb'], 0)} | {_f(r['mem_mean_mb'], 0)} | "
-                    f"{_f(r['reaction_p50_ms'], 1)} / {_f(r['reaction_p99_ms'], 1)} |")
-    return head + "\n".join(rows) + "\n"
+                    f"{_f(r['reaction_p50_ms'], 1)} / {_f(r['reaction_p99_ms'], 1)} "
+                    f"({r.get('marks_with_action', 0)}/{r.get('marks', 0)}) |")
+    note = ("\nagents lost: killed, or hung past the replay's time limit (an agent whose memory does not fit "
+            "waits in its page faults when the OOM killer may not take it).\n")
+    return head + "\n".join(rows) + "\n" + note
 
 
 def plots(out: Path, raws: dict, results: list[dict], params: dict) -> None:

@@ -173,6 +173,7 @@ class PolicyRun:
                 [sys.executable, "-m", "bench.replay.agent", "--plan", str(pf), "--socket", self.socket,
                  "--session", f"r{i}", "--priority", str(prio), "--speedup", str(self.args.speedup),
                  "--burst-min-bytes", str(int(self.args.burst_min_mb * MB * self.args.mem_scale)),
+                 "--cgroup-mount", str(self.args.cgroup_mount),
                  "--out", str(out)], stderr=open(self.dir / f"agent-{i}.log", "w")))
         limit = self.args.timeout_mult * max(p.duration_s for p in self.plans) / self.args.speedup + 60
         deadline = time.monotonic() + limit
@@ -193,6 +194,7 @@ class PolicyRun:
         stop.set()
         th.join()
         mev = kv(read(self.root / "memory.events"))
+        policy_status = self.policy_status()
         daemon.send_signal(signal.SIGTERM)
         try:
             daemon.wait(20)
@@ -209,8 +211,8 @@ class PolicyRun:
             if bp.exists():
                 for line in bp.read_text().split("\n"):
                     parts = line.split()
-                    if len(parts) == 3:
-                        bursts.append((int(parts[0]), int(parts[1])))
+                    if len(parts) in (3, 4):
+                        bursts.append((int(parts[0]), int(parts[1]), parts[3] if len(parts) == 4 else "burst"))
             agents.append({"i": i, "returncode": pr.returncode, "result": res, "bursts": bursts,
                            "priority": self.prios[i], "trace": self.plans[i].trace})
         actions = []
@@ -223,7 +225,60 @@ class PolicyRun:
                 if ev.get("type") == "policy.action":
                     actions.append(ev)
         return {"agents": agents, "memory_events": mev, "samples": self.samples, "actions": actions,
-                "timed_out": timed_out, "daemon_bytes": daemon_bytes}
+                "timed_out": timed_out, "daemon_bytes": daemon_bytes, "policy_status": policy_status}
+
+    def policy_status(self) -> dict:
+        """The daemon's own timings (tick cost; memory.events wake -> first
+        action written), from `status` before it stops; {} if not offered."""
+        try:
+            from agentcg.client import Client
+            hooks = Client(self.socket).request("status").get("hooks") or {}
+        except Exception:
+            return {}
+        pol = hooks.get("policy") or {}
+        return {k: pol[k] for k in ("tick_us", "signal_to_action_us", "ticks") if k in pol}
+
+
+def agents_alone_peak(plans: list[SessionPlan]) -> int:
+    """The most the agents alone hold at once (recorded timelines, all
+    sessions starting together, no tool call memory): a budget below this
+    leaves the kernel nothing but an agent to take, whatever the policy."""
+    times = sorted({t for p in plans for t, _b in p.agent})
+    idx = [0] * len(plans)
+    cur = [0] * len(plans)
+    peak = 0
+    for t in times:
+        for k, p in enumerate(plans):
+            while idx[k] < len(p.agent) and p.agent[idx[k]][0] <= t:
+                cur[k] = p.agent[idx[k]][1]
+                idx[k] += 1
+        peak = max(peak, sum(cur))
+    return peak
+
+
+def reactions_ms(agents: list[dict], actions: list[dict], kind: str,
+                 within_ns: int = 2_000_000_000) -> tuple[list[float], int]:
+    """For every `kind` event of a call ("mark" or "burst", from the agents'
+    .bursts logs): ms to the first policy action on that call's cgroup at or
+    after it, within `within_ns`. Returns (the delays, events with no action)."""
+    by_target: dict[str, list[int]] = {}
+    for ev in actions:
+        by_target.setdefault(ev.get("target", ""), []).append(int(ev.get("t_ns", 0)))
+    for v in by_target.values():
+        v.sort()
+    out: list[float] = []
+    open_ = 0
+    for a in agents:
+        for n, t_b, k in a["bursts"]:
+            if k != kind:
+                continue
+            ts = by_target.get(f"s-r{a['i']}/c-{n}", [])
+            nxt = next((t for t in ts if t >= t_b), None)
+            if nxt is not None and nxt - t_b <= within_ns:
+                out.append((nxt - t_b) / 1e6)
+            else:
+                open_ += 1
+    return out, open_
 
 
 def summarize(policy: str, raw: dict, solo: dict[str, float], budget: int | None) -> dict:
@@ -243,25 +298,12 @@ def summarize(policy: str, raw: dict, solo: dict[str, float], budget: int | None
         r = a["result"]["jct_s"] / s
         (ratios_hi if a["priority"] == top and top != min(x["priority"] for x in agents) else ratios_lo).append(r)
     mem = [b for _t, b in raw["samples"]]
-    # reaction: burst start -> first policy action on that session's tree
-    reactions = []
-    by_target: dict[str, list[int]] = {}
-    for ev in raw["actions"]:
-        by_target.setdefault(ev.get("target", ""), []).append(int(ev.get("t_ns", 0)))
-    for v in by_target.values():
-        v.sort()
-    unanswered = 0
-    for a in agents:
-        for n, t_b in a["bursts"]:
-            ts = by_target.get(f"s-r{a['i']}/c-{n}", [])
-            nxt = next((t for t in ts if t >= t_b), None)
-            if nxt is not None and nxt - t_b <= 2_000_000_000:
-                reactions.append((nxt - t_b) / 1e6)
-            else:
-                unanswered += 1
+    marks, mark_open = reactions_ms(agents, raw["actions"], "mark")
+    bursts, burst_open = reactions_ms(agents, raw["actions"], "burst")
     return {
         "policy": policy,
         "agents_killed": killed_agents,
+        "agent_returncodes": [a["returncode"] for a in agents],
         "toolcalls_killed": tc_killed,
         "oom_events": raw["memory_events"].get("oom_kill", 0),
         "oom_raised": raw["memory_events"].get("oom", 0),
@@ -274,12 +316,24 @@ def summarize(policy: str, raw: dict, solo: dict[str, float], budget: int | None
         "high_vs_low_jct_ratio": (pct(ratios_hi, 0.5) / pct(ratios_lo, 0.5)) if ratios_hi and ratios_lo else None,
         "mem_peak_mb": round(max(mem) / MB, 1) if mem else None,
         "mem_mean_mb": round(statistics.fmean(mem) / MB, 1) if mem else None,
-        "reaction_p50_ms": pct(reactions, 0.5),
-        "reaction_p99_ms": pct(reactions, 0.99),
-        "bursts": sum(len(a["bursts"]) for a in agents),
-        "bursts_with_action": len(reactions),
-        "reaction_note": "burst start (a call's recorded profile climbs by burst_min within a recorded second) "
-                         "-> first policy action on that call's cgroup within 2 s",
+        "reaction_p50_ms": pct(marks, 0.5),
+        "reaction_p99_ms": pct(marks, 0.99),
+        "reaction_max_ms": max(marks) if marks else None,
+        "marks": len(marks) + mark_open,
+        "marks_with_action": len(marks),
+        "reaction_note": "a call about to allocate past its memory.high (the moment the kernel starts throttling "
+                         "it unless the policy acts) -> the policy's first action on that call's cgroup "
+                         "(written, CLOCK_MONOTONIC) within 2 s; marks the policy left alone are counted in "
+                         "marks - marks_with_action",
+        "burst_reaction_p50_ms": pct(bursts, 0.5),
+        "burst_reaction_p99_ms": pct(bursts, 0.99),
+        "bursts": len(bursts) + burst_open,
+        "bursts_with_action": len(bursts),
+        "burst_note": "burst start (a call's recorded profile climbs by burst_min_mb within a recorded second) "
+                      "-> first policy action on that call's cgroup within 2 s (a burst that stays within its "
+                      "memory.high needs none)",
+        "daemon_signal_to_action_us": (raw.get("policy_status") or {}).get("signal_to_action_us"),
+        "daemon_tick_us": (raw.get("policy_status") or {}).get("tick_us"),
         "policy_actions": len(raw["actions"]),
         "action_kinds": {k: sum(1 for e in raw["actions"] if e.get("kind") == k) for k in ("set", "freeze", "thaw", "kill")},
         "tool_calls": len(calls),
@@ -302,8 +356,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip traces longer than this many recorded seconds (0 = no limit)")
     ap.add_argument("--policies", default="none,static,hint,adaptive")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--burst-min-mb", type=float, default=64.0,
-                    help="a call growing by at least this much (recorded MB) at once is a burst")
+    ap.add_argument("--burst-min-mb", type=float, default=16.0,
+                    help="a call growing by at least this much (recorded MB) within a recorded second "
+                         "is a burst (default %(default)s)")
+    ap.add_argument("--cgroup-mount", default="",
+                    help="cgroup2 mount the calls read their memory.high from (default: the one found)")
     ap.add_argument("--sample-ms", type=float, default=20.0)
     ap.add_argument("--timeout-mult", type=float, default=4.0)
     ap.add_argument("--out", default="bench/results", help="results directory (default %(default)s)")
@@ -312,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         raise SystemExit("the replay needs root (it creates cgroups)")
     mnt = cgroup2_mount()
+    args.cgroup_mount = args.cgroup_mount or str(mnt)
     have = set(read(mnt / "cgroup.controllers").split())
     if not {"memory", "cpu", "pids"} <= have:
         raise SystemExit(f"cgroup2 at {mnt} lacks the memory/cpu/pids controllers (have: {sorted(have)})")
@@ -362,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
               "traces": sorted({p.trace for p in plans}), "max_duration_s": args.max_duration_s,
               "budget_mb": round(budget / MB, 1), "unlimited_peak_mb": unlimited,
               "summed_avg_mb": round(avg_sum / MB, 1), "summed_peak_mb": round(sum(p.peak_bytes for p in plans) / MB, 1),
+              "agents_alone_peak_mb": round(agents_alone_peak(plans) / MB, 1),
+              "burst_min_mb": args.burst_min_mb,
               "solo_jct_s": solo, "host": os.uname().nodename, "kernel": os.uname().release}
     for r in results:
         r.update({"budget_mb": params["budget_mb"], "unlimited_peak_mb": unlimited, "params": params})

@@ -102,3 +102,13 @@ def test_bpf_and_auto_rule_errors_name_the_key(text, key):
     with pytest.raises(ConfigError) as ei:
         parse_config(text)
     assert ei.value.key == key, str(ei.value)
+
+
+def test_call_oom_score_adj_rises_as_priority_falls():
+    d = parse_config("[daemon]\ncall_oom_score_adj = 500\ncall_oom_priority_step = 40\n").daemon
+    assert d.call_oom_score_adj_for(10) == 500
+    assert d.call_oom_score_adj_for(8) == 580 < d.call_oom_score_adj_for(2) == 820
+    assert d.call_oom_score_adj_for(None) == d.call_oom_score_adj_for(5) == 700   # the default priority
+    assert parse_config("[daemon]\ncall_oom_score_adj = 900\n").daemon.call_oom_score_adj_for(1) == 1000  # clamped
+    with pytest.raises(ConfigError, match="call_oom_priority_step"):
+        parse_config("[daemon]\ncall_oom_priority_step = -5\n")

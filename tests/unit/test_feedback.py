@@ -24,6 +24,18 @@ def test_oom_kill_names_limit_peak_and_suggests_narrower_pytest():
     assert it.numbers["memory_max_bytes"] == 64 * MiB and it.numbers["oom_kill"] == 1
 
 
+def test_oom_kill_at_the_shared_budget_says_so_and_that_the_agent_keeps_running():
+    # oom_kill without oom: a limit above the call was reached (the shared budget)
+    items = feedback(CallStats(memory_peak_bytes=40 * MiB,
+                               memory_events={"high": 0, "max": 0, "oom": 0, "oom_kill": 3}),
+                     Limits(), argv=["python", "-m", "pytest", "tests"])
+    assert [i.kind for i in items] == ["oom_kill"]
+    it = items[0]
+    assert "budget" in it.message and "killed 3 processes" in it.message and "peak 40M" in it.message
+    assert "agent keeps running" in it.message and "memory.max of max" not in it.message
+    assert "pytest tests/test_x.py" in it.suggestion
+
+
 def test_throttled_at_high():
     items = feedback(CallStats(memory_peak_bytes=70 * MiB, memory_events={"high": 12}),
                      Limits(memory_high_bytes=64 * MiB, memory_max_bytes=1 << 30), argv=["make", "-j8"])

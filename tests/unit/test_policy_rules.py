@@ -30,9 +30,9 @@ def session(name, prio, calls=(), agent_bytes=100 * M, mx=None, psi=None, trig=(
                        cg(f"s-{name}/agent", agent_bytes), tuple(calls))
 
 
-def snap(sessions, budget=2 * G, now=10**12, state=None, usage=None):
+def snap(sessions, budget=2 * G, now=10**12, state=None, usage=None, swap=0):
     used = usage if usage is not None else sum(s.cg.memory_current_bytes for s in sessions)
-    return Snapshot(now, HostView(cg("", used), budget), tuple(sessions), state or PolicyState())
+    return Snapshot(now, HostView(cg("", used), budget, swap), tuple(sessions), state or PolicyState())
 
 
 BB0 = {"name": "burst_borrow", "args": {"share_pct": 0.0}}
@@ -150,11 +150,12 @@ LADDER = [BB0, {"name": "throttle"},
           {"name": "kill", "args": {"escalate_after_ns": "2s"}}]
 
 
-def _pressure_world(state, now, frozen_lo=False, hi_cur=400 * M, lo_cur=400 * M):
+def _pressure_world(state, now, frozen_lo=False, hi_cur=400 * M, lo_cur=400 * M, swap=4 * G):
+    """A host with swap (unless swap=0): lo's memory can be pushed out for hi."""
     hi = call("hi", 1, cur=hi_cur, high=hi_cur, ev=MemEvents(high=1), started=5)
     lo = call("lo", 1, cur=lo_cur, high=lo_cur + 100 * M, started=1, frozen=frozen_lo)
     sessions = [session("hi", 9, [hi]), session("lo", 1, [lo])]
-    return snap(sessions, budget=1 * G, now=now, state=state)
+    return snap(sessions, budget=1 * G, now=now, state=state, swap=swap)
 
 
 def test_ladder_climbs_one_step_at_a_time_in_order():
@@ -356,13 +357,14 @@ def test_psi_stall_while_the_host_has_room_is_not_pressure():
 
 # ---------------------------------------------------------------- priorities borrow from lower ones
 
-def _crowded_world(state=None, now=10**12, lo_frozen=False, hi_high=64 * M, hi_cur=60 * M, lo_high=800 * M):
+def _crowded_world(state=None, now=10**12, lo_frozen=False, hi_high=64 * M, hi_cur=60 * M, lo_high=800 * M,
+                   swap=4 * G):
     """2G budget, host at ~93%: hi's call is near its mark, lo (priority 1) holds ~40% of the
-    budget, 720M of it in a tool call (with unused headroom above it)."""
+    budget, 720M of it in a tool call (with unused headroom above it). With swap unless swap=0."""
     hi = call("hi", 1, cur=hi_cur, high=hi_high, started=5)
     lo = call("lo", 1, cur=720 * M, high=lo_high, started=1, frozen=lo_frozen)
     sessions = [session("hi", 8, [hi], agent_bytes=1025 * M + 60 * M - hi_cur), session("lo", 1, [lo])]
-    return snap(sessions, budget=2 * G, now=now, state=state)
+    return snap(sessions, budget=2 * G, now=now, state=state, swap=swap)
 
 
 def test_high_call_borrows_what_lower_priorities_hold_on_a_crowded_host():
@@ -487,3 +489,98 @@ def test_a_higher_priority_using_its_borrowed_headroom_is_pressure_before_it_rea
     roomy = snap([session("hi", 8, [hi], agent_bytes=50 * M), session("lo", 1, [lo], agent_bytes=50 * M)],
                  budget=1 * G)
     assert plan(roomy, rules("burst_borrow")).findings == ()
+
+
+# ---------------------------------------------------------------- no swap: grants backed by free memory
+
+
+def _promised_total(s, actions, min_priority):
+    """Host usage plus the unused headroom of the calls of priority >= min_priority once the
+    actions are applied (lower priorities' headroom is what the throttle step takes back)."""
+    high = {c.path: c.cg.memory_high_bytes for _s, c in s.calls()}
+    for a in actions:
+        if a.knob == "memory.high":
+            high[a.target] = a.new
+    return s.host.usage_bytes + sum(max(0, (high[c.path] or 0) - c.cg.memory_current_bytes)
+                                    for ss, c in s.calls() if ss.priority >= min_priority)
+
+
+def test_without_swap_a_grant_never_counts_on_what_lower_priorities_hold():
+    s = _crowded_world(swap=0)
+    d = plan(s, rules("burst_borrow"))
+    limit = int(2 * G * 0.97)
+    # with swap, hi was promised lo's memory (the test above); without, only the free budget backs it
+    assert _promised_total(s, d.actions, 8) <= limit
+    with_swap = _crowded_world()
+    assert _promised_total(with_swap, plan(with_swap, rules("burst_borrow")).actions, 8) > limit
+    assert [a.target for a in d.actions] == ["s-hi/c-1"]  # granted, from free memory only
+
+
+def test_a_kill_planned_this_tick_backs_a_grant():
+    from agentcg.core.policy.context import Ctx
+    from agentcg.core.policy.rules import available_to
+    lo = call("lo", 1, cur=300 * M, high=320 * M)
+    s = snap([session("hi", 9, []), session("lo", 1, [lo])], budget=1 * G)
+    ctx = Ctx(s, PolicyState())
+    before = available_to(ctx, 9, 1 * G)
+    ctx.kill(lo, Reason("kill", "test"), "stopped")
+    assert available_to(ctx, 9, 1 * G) == before + 300 * M
+
+
+def test_with_swap_lower_priorities_memory_counts_only_up_to_the_free_swap():
+    from agentcg.core.policy.context import Ctx
+    from agentcg.core.policy.rules import available_to
+    lo = call("lo", 1, cur=600 * M, high=600 * M)
+    sessions = [session("hi", 9, []), session("lo", 1, [lo])]
+    none = available_to(Ctx(snap(sessions, budget=2 * G), PolicyState()), 9, 2 * G)
+    some = available_to(Ctx(snap(sessions, budget=2 * G, swap=100 * M), PolicyState()), 9, 2 * G)
+    lots = available_to(Ctx(snap(sessions, budget=2 * G, swap=8 * G), PolicyState()), 9, 2 * G)
+    assert some == none + 100 * M and lots == none + 600 * M
+
+
+def test_lower_priority_yields_room_to_a_higher_one_and_waits_without_pressure_or_kill():
+    # hi is idle (agent only); lo's call is at its mark with the host at 78% of 1G: lo may not
+    # take the last yield_pct (20%) + reserve (3%) of the budget, and nothing climbs the ladder
+    rs = load_ruleset({"rules": LADDER, "ladder": {"calm_hold_ns": "300ms"}})
+    st = PolicyState()
+    t0 = 10**12
+    for dt_s in (0, 1, 3, 6, 10):
+        lo = call("lo", 1, cur=600 * M, high=600 * M, ev=MemEvents(high=1))
+        s = snap([session("hi", 9, [], agent_bytes=100 * M), session("lo", 1, [lo], agent_bytes=100 * M)],
+                 budget=1 * G, now=t0 + dt_s * 10**9, state=st)
+        d = plan(s, rs)
+        st = d.state
+        assert [(f.kind, f.call) for f in d.findings] == [("yield", "s-lo/c-1")]
+        assert "kept for higher priorities" in d.findings[0].threshold
+        assert d.actions == () and st.level == 0
+    # once no higher priority is there, lo borrows that room
+    lo = call("lo", 1, cur=600 * M, high=600 * M, ev=MemEvents(high=1))
+    d = plan(snap([session("lo", 1, [lo], agent_bytes=100 * M)], budget=1 * G, now=t0 + 11 * 10**9, state=st), rs)
+    assert [(a.target, a.knob) for a in d.actions] == [("s-lo/c-1", "memory.high")] and d.actions[0].new > 600 * M
+
+
+def test_a_new_lower_priority_call_starts_below_the_room_kept_for_higher_ones():
+    lo = call("lo", 2, cur=0, high=None)
+    s = snap([session("hi", 9, [], agent_bytes=300 * M), session("lo", 1, [lo], agent_bytes=400 * M)],
+             budget=1 * G)
+    d = plan(s, rules("burst_borrow"))
+    [a] = [a for a in d.actions if a.target == "s-lo/c-2"]
+    # 1G * (97% - 20%) - 700M in use = ~88M of room: the call starts there, not at the 64M default + more
+    assert a.new <= int(1 * G * 0.77) - 700 * M
+    s2 = snap([session("lo", 1, [lo], agent_bytes=400 * M)], budget=1 * G)
+    [b] = [a for a in plan(s2, rules("burst_borrow")).actions if a.target == "s-lo/c-2"]
+    assert b.new >= a.new
+
+
+def test_a_small_lower_priority_call_is_not_throttled_from_its_first_page_by_the_yield_room():
+    # 1G budget, 780M in use: nothing left below the room kept for hi, but 190M below the reserve mark
+    lo = call("lo", 2, cur=0, high=None)
+    s = snap([session("hi", 9, [], agent_bytes=380 * M), session("lo", 1, [lo], agent_bytes=400 * M)],
+             budget=1 * G)
+    [a] = [a for a in plan(s, rules("burst_borrow")).actions if a.target == "s-lo/c-2"]
+    assert a.new == 16 * M and "starts with up to 16M" in a.reason.detail
+    # where the budget itself is full, it gets only what is left
+    s2 = snap([session("hi", 9, [], agent_bytes=580 * M), session("lo", 1, [lo], agent_bytes=400 * M)],
+              budget=1 * G)
+    [b] = [a for a in plan(s2, rules("burst_borrow")).actions if a.target == "s-lo/c-2"]
+    assert b.new <= max(0, int(1 * G * 0.97) - 980 * M)

@@ -121,10 +121,15 @@ class SessionView:
 @dataclass(frozen=True)
 class HostView:
     """The parent of all sessions. budget_bytes is its memory.max, or the
-    configured budget where the parent has none (None = no budget known)."""
+    configured budget where the parent has none (None = no budget known).
+    swap_bytes: swap the tree can still use (the smaller of the host's free
+    swap and the tree's memory.swap.max); 0 or None = none, and then memory
+    that is frozen or throttled stays resident: only a call that ends or is
+    killed gives memory back."""
 
     cg: CgroupView
     budget_bytes: int | None = None
+    swap_bytes: int | None = None
 
     @property
     def usage_bytes(self) -> int:

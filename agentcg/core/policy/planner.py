@@ -49,7 +49,9 @@ def plan(snapshot: Snapshot, ruleset: Ruleset, state: PolicyState | None = None)
     # meets the kill step's deadlock check below).
     lowest = min((s.priority for s in snapshot.sessions), default=0)
     all_findings = list(ctx.findings)
-    driving = [f for f in all_findings if f.priority > lowest]
+    # A call that yields to higher priorities (burst_borrow's room kept for
+    # them) waits; that is no pressure to act on.
+    driving = [f for f in all_findings if f.priority > lowest and f.kind != "yield"]
     ctx.findings = driving
     if driving:
         ctx.update(calm_since_ns=None)

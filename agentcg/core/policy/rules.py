@@ -121,13 +121,26 @@ def _reclaimable(ctx: Ctx, sess: SessionView) -> int:
     return max(0, min(calls, sess.cg.memory_current_bytes - floor))
 
 
+def _freed_by_kills(ctx: Ctx) -> int:
+    """What the kills planned so far this tick give back."""
+    return sum(c.cg.memory_current_bytes for _s, c in ctx.snap.calls() if ctx.killed_planned(c.path))
+
+
 def available_to(ctx: Ctx, priority: int, limit: int) -> int:
-    """Memory a call of `priority` may be promised: the free budget (less what
-    is already promised to its own and higher priorities) plus what lower
-    priorities hold above their protected floors, which the ladder reclaims,
-    freezes or, as the last resort, kills when the higher priority uses it."""
-    below = sum(_reclaimable(ctx, s) for s in ctx.snap.sessions if s.priority < priority)
-    return limit - _committed(ctx, priority) + below
+    """Memory a call of `priority` may be promised now: the free budget (less
+    what is already promised to its own and higher priorities) and what the
+    kills planned this tick give back. Only where the tree has swap, also what
+    lower priorities hold above their protected floors (up to the free swap):
+    the ladder's reclaim pushes it out. Without swap, memory that is frozen or
+    throttled stays resident, so it backs no promise: a grant counted on it
+    would let the budget's memory.max be reached and the kernel's OOM killer
+    choose."""
+    avail = limit - _committed(ctx, priority) + _freed_by_kills(ctx)
+    swap = ctx.snap.host.swap_bytes or 0
+    if swap > 0:
+        below = sum(_reclaimable(ctx, s) for s in ctx.snap.sessions if s.priority < priority)
+        avail += min(below, swap)
+    return avail
 
 
 @register("burst_borrow")
@@ -141,10 +154,15 @@ class BurstBorrow(RuleBase):
     higher priorities are served first.
 
     What a call of priority p may borrow is the free budget, less what is
-    already promised to calls of priority >= p, PLUS what lower-priority
-    sessions hold above their protected floors (memory.low / intent, and the
-    agent's own memory, which is never taken): memory held by lower priorities
-    is headroom for higher ones. A call that has lower priorities below it
+    already promised to calls of priority >= p (see available_to: lower
+    priorities' memory counts only where there is swap to push it to).
+    Calls of a session that has a higher priority above it leave yield_pct
+    of the budget free: they are held at their mark (the kernel throttles
+    them) while they still hold little, so that the higher priorities'
+    bursts are served from free memory and nothing has to be killed for
+    them. Such a wait is a "yield" finding, which drives no ladder step and
+    no kill. A new call still starts with min_call_bytes where the free
+    budget has it, so small calls (a read, an edit) are not throttled. A call that has lower priorities below it
     borrows in larger steps (priority_step_pct of what is available to it, up
     to priority_step_max_bytes), because bursts of 1-2 GB within a second
     happen. The calls of the highest priority present, when lower priorities
@@ -162,7 +180,7 @@ class BurstBorrow(RuleBase):
     reaches it (the kill step may act).
     Without a host budget (the root's memory.max is "max") there is nothing to
     ration and calls run unmarked.
-    {name = "burst_borrow", args = {default_call_bytes = "64M", step_min_bytes = "64M", step_pct = 50.0, reserve_pct = 3.0}}"""
+    {name = "burst_borrow", args = {default_call_bytes = "64M", step_min_bytes = "64M", step_pct = 50.0, reserve_pct = 3.0, yield_pct = 20.0, min_call_bytes = "16M"}}"""
 
     default_call_bytes: int = 64 << 20
     step_min_bytes: int = 64 << 20
@@ -172,6 +190,8 @@ class BurstBorrow(RuleBase):
     share_pct: float = 50.0
     priority_step_pct: float = 25.0
     priority_step_max_bytes: int = 1 << 30
+    yield_pct: float = 20.0
+    min_call_bytes: int = 16 << 20
 
     def _asking(self, call: CallView, high: int | None) -> bool:
         return high is not None and (call.cg.events_delta.high > 0
@@ -194,7 +214,9 @@ class BurstBorrow(RuleBase):
             high = ctx.value(call.cg, "memory.high")
             intent = _call_intent(call, self.default_call_bytes)
             has_below = sess.priority > lowest
-            avail = available_to(ctx, sess.priority, limit)
+            yields = sess.priority < highest
+            own_limit = limit - int(budget * self.yield_pct / 100) if yields else limit
+            avail = available_to(ctx, sess.priority, own_limit)
             share = max(0, avail) * self.share_pct / 100 / max(1, len(order))
             big = 0
             if has_below:
@@ -208,6 +230,12 @@ class BurstBorrow(RuleBase):
                     start = min(intent, cur + max(0, budget - host.usage_bytes))
                     if new < start:
                         new, floor = start, "; the highest priority present starts at its intent"
+                elif yields and new < cur + self.min_call_bytes:
+                    # the room kept for higher priorities does not throttle a small call
+                    # (a read, an edit) from its first page: min_call_bytes, where free
+                    start = cur + min(self.min_call_bytes, max(0, available_to(ctx, sess.priority, limit)))
+                    if new < start:
+                        new, floor = start, f"; a call starts with up to {fb(self.min_call_bytes)}"
                 ctx.set(call.cg, "memory.high", new, Reason(
                     self.rule_name, f"new call, intent {fb(intent)}", op="", threshold="",
                     detail=f"host free {fb(max(0, limit - host.usage_bytes))}, available to priority "
@@ -231,10 +259,14 @@ class BurstBorrow(RuleBase):
                     session=sess.name, call=call.path, priority=sess.priority,
                     kind="pressure" if short else "borrow"))
             if grant * 4 < min(step, self.step_min_bytes):  # less than a quarter step left: denied
+                # held back only by the room kept for higher priorities: it waits for them
+                waits = yields and available_to(ctx, sess.priority, limit) * 4 >= min(step, self.step_min_bytes)
                 ctx.findings.append(Finding(
                     self.rule_name, f"{call.path} at {fb(cur)} of {fb(high)}, available {fb(max(0, avail))}",
-                    f"{fb(step)} needed", session=sess.name, call=call.path, priority=sess.priority,
-                    kind="denied"))
+                    f"{fb(step)} needed" + (f"; {self.yield_pct:g}% of the budget is kept for higher "
+                                            f"priorities" if waits else ""),
+                    session=sess.name, call=call.path, priority=sess.priority,
+                    kind="yield" if waits else "denied"))
                 continue
             new = max(high, cur) + grant
             ctx.set(call.cg, "memory.high", new, Reason(
