@@ -109,47 +109,55 @@ static __always_inline void submit(struct agentcg_event *e)
 	count(AGENTCG_CTR_EVENTS);
 }
 
-static __always_inline int on_fork(struct task_struct *parent, struct task_struct *child)
+/*
+ * The common start of a process event: nothing unless the task is inside the
+ * watched subtree; else count it in its cgroup's stats (the __u64 at
+ * stat_off in struct agentcg_cg_stats) and reserve and fill the event. NULL
+ * when filtered out or the ring buffer is full (the stats still count it).
+ */
+static __always_inline struct agentcg_event *begin(struct task_struct *t, __u32 type, __u32 stat_off)
 {
 	struct agentcg_cg_stats *s;
 	struct agentcg_event *e;
 	__u64 cgid;
 
-	if (READ(child->pid) != READ(child->tgid))
-		return 0; /* a thread */
-	if (!task_under(child, filter_cgid, filter_level))
-		return 0;
-	cgid = task_cgroup_id(child);
+	if (!task_under(t, filter_cgid, filter_level))
+		return NULL;
+	cgid = task_cgroup_id(t);
 	s = stats_of(cgid);
 	if (s)
-		__sync_fetch_and_add(&s->forks, 1);
+		__sync_fetch_and_add((__u64 *)((char *)s + stat_off), 1);
 	e = reserve();
+	if (e)
+		fill_task(e, type, t, cgid);
+	return e;
+}
+
+#define STAT(field) __builtin_offsetof(struct agentcg_cg_stats, field)
+
+static __always_inline int on_fork(struct task_struct *parent, struct task_struct *child)
+{
+	struct agentcg_event *e;
+
+	if (READ(child->pid) != READ(child->tgid))
+		return 0; /* a thread */
+	e = begin(child, AGENTCG_EV_FORK, STAT(forks));
 	if (!e)
 		return 0;
-	fill_task(e, AGENTCG_EV_FORK, child, cgid);
 	submit(e);
 	return 0;
 }
 
 static __always_inline int on_exec(struct task_struct *p, struct linux_binprm *bprm)
 {
-	struct agentcg_cg_stats *s;
 	struct agentcg_event *e;
 	unsigned long arg_start, arg_end, len;
 	struct mm_struct *mm;
 	const char *fname;
-	__u64 cgid;
 
-	if (!task_under(p, filter_cgid, filter_level))
-		return 0;
-	cgid = task_cgroup_id(p);
-	s = stats_of(cgid);
-	if (s)
-		__sync_fetch_and_add(&s->execs, 1);
-	e = reserve();
+	e = begin(p, AGENTCG_EV_EXEC, STAT(execs));
 	if (!e)
 		return 0;
-	fill_task(e, AGENTCG_EV_EXEC, p, cgid);
 	fname = READ(bprm->filename);
 	bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), fname);
 	mm = READ(p->mm);
@@ -169,24 +177,15 @@ static __always_inline int on_exec(struct task_struct *p, struct linux_binprm *b
 
 static __always_inline int on_exit(struct task_struct *p)
 {
-	struct agentcg_cg_stats *s;
 	struct agentcg_event *e;
 	__u32 pid = READ(p->pid);
-	__u64 cgid;
 
 	bpf_map_delete_elem(&runq_start, &pid);
 	if (pid != READ(p->tgid))
 		return 0; /* a thread */
-	if (!task_under(p, filter_cgid, filter_level))
-		return 0;
-	cgid = task_cgroup_id(p);
-	s = stats_of(cgid);
-	if (s)
-		__sync_fetch_and_add(&s->exits, 1);
-	e = reserve();
+	e = begin(p, AGENTCG_EV_EXIT, STAT(exits));
 	if (!e)
 		return 0;
-	fill_task(e, AGENTCG_EV_EXIT, p, cgid);
 	e->exit_code = READ(p->exit_code);
 	submit(e);
 	return 0;
@@ -194,20 +193,11 @@ static __always_inline int on_exit(struct task_struct *p)
 
 static __always_inline int on_oom_victim(struct task_struct *p)
 {
-	struct agentcg_cg_stats *s;
 	struct agentcg_event *e;
-	__u64 cgid;
 
-	if (!task_under(p, filter_cgid, filter_level))
-		return 0;
-	cgid = task_cgroup_id(p);
-	s = stats_of(cgid);
-	if (s)
-		__sync_fetch_and_add(&s->oom_kills, 1);
-	e = reserve();
+	e = begin(p, AGENTCG_EV_OOM, STAT(oom_kills));
 	if (!e)
 		return 0;
-	fill_task(e, AGENTCG_EV_OOM, p, cgid);
 	submit(e);
 	return 0;
 }
