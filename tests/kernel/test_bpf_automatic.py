@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_bpf, require_cgroup2
-from agentcg.adapters.cgroupfs import CgroupFs
+from conftest import require_bpf, require_cgroup2, remove_daemon_tree
 from agentcg.client import Client
 
 pytestmark = pytest.mark.kernel
@@ -60,12 +59,7 @@ def agentcgd(request):
     yield root, runtime, sock
     proc.kill()
     proc.wait(10)
-    fs = CgroupFs(root)
-    for rel in [c for c in fs.children("") if c.startswith("s-")]:
-        fs.kill(rel)
-        fs.wait_unpopulated(rel, 5)
-        fs.remove_tree(rel)
-    fs.remove_tree("")
+    remove_daemon_tree(root)
     shutil.rmtree(runtime, ignore_errors=True)
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_cgroup2
-from agentcg.adapters.cgroupfs import CgroupFs, detect_hierarchy
+from conftest import require_cgroup2, remove_daemon_tree
+from agentcg.adapters.cgroupfs import detect_hierarchy
 from agentcg.client import Client, ProtocolError
 
 pytestmark = pytest.mark.kernel
@@ -70,12 +70,7 @@ def start_daemon(request, mnt: Path, require_controllers: bool = False):
     d = Agentcgd(root, runtime, require_controllers=require_controllers).start()
     yield d
     d.stop(signal.SIGKILL)
-    fs = CgroupFs(root)
-    for rel in [c for c in fs.children("") if c.startswith("s-")]:
-        fs.kill(rel)
-        fs.wait_unpopulated(rel, 5)
-        fs.remove_tree(rel)
-    fs.remove_tree("")
+    remove_daemon_tree(root)
     shutil.rmtree(runtime, ignore_errors=True)
 
 

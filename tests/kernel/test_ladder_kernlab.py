@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from agentcg.adapters.cgroupfs import CgroupFs
 from agentcg.client import Client
-from conftest import require_cgroup2_controllers
+from conftest import require_cgroup2_controllers, remove_daemon_tree
 from test_daemon_host import Agentcgd
 
 pytestmark = pytest.mark.kernlab
@@ -100,13 +99,7 @@ def pdaemon(request, tmp_path):
     for p in sleepers:
         p.kill()
         p.wait()
-    fs = CgroupFs(root)
-    for rel in [c for c in fs.children("") if c.startswith("s-")]:
-        fs.write(rel, "cgroup.freeze", "0")
-        fs.kill(rel)
-        fs.wait_unpopulated(rel, 5)
-        fs.remove_tree(rel)
-    fs.remove_tree("")
+    remove_daemon_tree(root)
 
 
 def _agent(d, client: Client, name: str, intent: str):

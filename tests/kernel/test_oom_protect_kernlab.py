@@ -22,10 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from agentcg.adapters.cgroupfs import CgroupFs
 from agentcg.adapters.procfs import read_oom_score_adj
 from agentcg.client import Client
-from conftest import require_cgroup2_controllers
+from conftest import require_cgroup2_controllers, remove_daemon_tree
 from test_daemon_host import Agentcgd
 
 pytestmark = pytest.mark.kernlab
@@ -66,12 +65,7 @@ def _cleanup(d, root: Path, procs) -> None:
             p.kill()
         p.wait()
     d.stop(signal.SIGKILL)
-    fs = CgroupFs(root)
-    for rel in [c for c in fs.children("") if c.startswith("s-")]:
-        fs.kill(rel)
-        fs.wait_unpopulated(rel, 5)
-        fs.remove_tree(rel)
-    fs.remove_tree("")
+    remove_daemon_tree(root)
 
 
 def _run(d, root: Path, procs: list):
