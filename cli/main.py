@@ -112,12 +112,18 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
 
 def _tree_lines(data: dict, indent: str = "") -> list[str]:
-    """Nested dicts as an indented outline; lists of scalars on one line."""
+    """Nested dicts as an indented outline; lists of scalars on one line;
+    lists of records one per line (their own "line" text where they carry
+    one, as the policy's last actions do)."""
     lines = []
     for key, value in data.items():
         if isinstance(value, dict) and value:
             lines.append(f"{indent}{key}:")
             lines.extend(_tree_lines(value, indent + "  "))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            lines.append(f"{indent}{key}:")
+            lines.extend(f"{indent}  - {v['line'] if isinstance(v.get('line'), str) else _scalar(key, v)}"
+                         for v in value)
         elif isinstance(value, list):
             lines.append(f"{indent}{key}: {', '.join(_scalar(key, v) for v in value) or '-'}")
         else:

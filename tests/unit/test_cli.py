@@ -73,3 +73,16 @@ def test_exec_runs_plainly_and_warns_once_when_daemon_down(tmp_path):
     second = subprocess.run(cmd + ["-c", "exit 0"], env=env, capture_output=True, text=True, timeout=60)
     assert second.returncode == 0
     assert second.stderr == ""
+
+
+def test_status_outline_prints_records_one_per_line():
+    """Lists of records (the policy's last actions) are one line each, by
+    their own text where they carry one, not one run-on line of key=value."""
+    from agentcg.cli.main import _tree_lines
+    st = {"hooks": {"policy": {"ticks": 3, "last_actions": [
+        {"kind": "set", "line": "memory.high 2G -> 1.2G on s-a/c-1 (throttle)"},
+        {"kind": "freeze", "target": "s-b/c-2"}]}}, "sessions": ["a", "b"]}
+    lines = _tree_lines(st)
+    assert "      - memory.high 2G -> 1.2G on s-a/c-1 (throttle)" in lines
+    assert "      - kind=freeze, target=s-b/c-2" in lines
+    assert "sessions: a, b" in lines
