@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Any
 
-from agentcg.adapters.cgroupfs import CgroupFs
+from agentcg.adapters.cgroupfs import CgroupFs, OpenFiles
 from agentcg.adapters.executor import Applied, Executor
 from agentcg.adapters.procfs import swap_free_bytes
 from agentcg.adapters.psi import PsiUnsupported, SignalWatch, read_psi
@@ -55,6 +55,18 @@ def _events(text: str | None) -> MemEvents:
     return MemEvents(kv.get("low", 0), kv.get("high", 0), kv.get("max", 0), kv.get("oom", 0), kv.get("oom_kill", 0))
 
 
+def _stat(text: str | None, key: str) -> int:
+    """One field of a flat-keyed file (memory.stat); 0 when absent."""
+    for line in (text or "").splitlines():
+        k, _, v = line.partition(" ")
+        if k == key:
+            try:
+                return int(v)
+            except ValueError:
+                return 0
+    return 0
+
+
 def _pcts(values) -> dict:
     """p50/p99/max in microseconds of a window of nanosecond values."""
     xs = sorted(values)
@@ -73,6 +85,8 @@ class PolicyLoop:
         self.ruleset = ruleset
         self.dry_run = dry_run or ruleset.dry_run
         self.executor = Executor(cgfs)
+        # every tick reads the same files of the same cgroups: kept open (one pread each)
+        self.files = OpenFiles(cgfs)
         self.watch = SignalWatch()
         self.state = PolicyState()
         self.last: collections.deque[Applied] = collections.deque(maxlen=keep_last)
@@ -109,6 +123,7 @@ class PolicyLoop:
     def on_session_end(self, session, path) -> None:
         self.sessions.pop(session.name, None)
         self.watch.unwatch(session.rel)
+        self.files.forget(session.rel)
 
     def on_call_start(self, session, call, path) -> None:
         self.sessions[session.name] = session
@@ -117,6 +132,7 @@ class PolicyLoop:
 
     def on_call_end(self, session, call, path) -> dict:
         self.watch.unwatch(call.rel)
+        self.files.forget(call.rel)
         self.failed = {f for f in self.failed if f[0] != call.rel}
         self.prev_events.pop(call.rel, None)
         self._tick_soon()  # memory is being given back: pressure may be gone
@@ -185,10 +201,11 @@ class PolicyLoop:
 
     def close(self) -> None:
         self.watch.close()
+        self.files.close()
 
     # -- read, decide, act
     def _cg(self, rel: str, full: bool = True) -> CgroupView:
-        r = self.cgfs.read
+        r = self.files.read
         cur = _int(r(rel, "memory.current"), 0) or 0
         if not full:
             return CgroupView(rel, cur)
@@ -221,7 +238,9 @@ class PolicyLoop:
                 s.name, self._cg(s.rel), s.intent.priority or 0, self._cg(f"{s.rel}/agent", full=False),
                 tuple(calls), s.intent.memory_bytes, s.intent.memory_max_bytes, s.intent.cpu_class))
         budget = host_cg.memory_max_bytes
-        return Snapshot(time.monotonic_ns(), HostView(host_cg, budget, self._swap()), tuple(sessions), self.state)
+        inactive = _stat(self.files.read("", "memory.stat"), "inactive_file") if budget is not None else 0
+        return Snapshot(time.monotonic_ns(), HostView(host_cg, budget, self._swap(), inactive), tuple(sessions),
+                        self.state)
 
     def _swap(self) -> int:
         """Swap the tree can use: the host's free swap, within the root's
@@ -229,11 +248,11 @@ class PolicyLoop:
         free = swap_free_bytes()
         if free == 0:
             return 0
-        cap = self.cgfs.read("", "memory.swap.max")
+        cap = self.files.read("", "memory.swap.max")
         if cap is None:
             return free
         limit = _int(cap)
-        return free if limit is None else min(free, max(0, limit - (_int(self.cgfs.read("", "memory.swap.current"), 0) or 0)))
+        return free if limit is None else min(free, max(0, limit - (_int(self.files.read("", "memory.swap.current"), 0) or 0)))
 
     def tick(self, signals) -> list[Applied]:
         t0 = time.monotonic_ns()

@@ -505,3 +505,63 @@ class CgroupFs:
         for child in self.children(rel):
             ok = self.remove_tree(f"{rel}/{child}" if rel else child) and ok
         return self.remove(rel) and ok
+
+
+class OpenFiles:
+    """Interface files of many cgroups kept open between reads: a reader that
+    looks at the same files of the same cgroups again and again (the policy
+    loop, on every kernel signal) pays one pread per file instead of a path
+    walk, an open and a close (about 8x less on a 6.x kernel; more under
+    emulation). A file that does not exist (controller not enabled) is
+    remembered as missing. A cgroup removed while its descriptors are open
+    reads ENODEV: its descriptors are dropped and the read goes by path (so a
+    cgroup made again at the same path is seen). `forget(rel)` closes a
+    cgroup's descriptors and those below it; call it when the cgroup ends."""
+
+    def __init__(self, cgfs: CgroupFs):
+        self.cgfs = cgfs
+        self._fds: dict[str, dict[str, int | None]] = {}
+
+    def _fd(self, rel: str, name: str) -> int | None:
+        files = self._fds.setdefault(rel, {})
+        if name in files:
+            return files[name]
+        try:
+            fd = os.open(self.cgfs._f(rel, name), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT and self.cgfs.exists(rel):
+                files[name] = None  # the cgroup is there, the file is not: missing for good
+            return None
+        files[name] = fd
+        return fd
+
+    def read(self, rel: str, name: str) -> str | None:
+        """The file's text, or None when it (or the cgroup) is missing."""
+        fd = self._fd(rel, name)
+        if fd is None:
+            return None
+        try:
+            return os.pread(fd, 65536, 0).decode()
+        except OSError as exc:
+            if not _gone(exc):
+                raise
+        self.forget(rel)
+        return self.cgfs.read(rel, name)
+
+    def forget(self, rel: str) -> None:
+        """Close the descriptors of `rel` and of every cgroup below it."""
+        below = f"{rel}/" if rel else ""
+        for key in [k for k in self._fds if k == rel or k.startswith(below)]:
+            for fd in self._fds.pop(key).values():
+                if fd is not None:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+
+    def open_count(self) -> int:
+        return sum(1 for files in self._fds.values() for fd in files.values() if fd is not None)
+
+    def close(self) -> None:
+        for key in list(self._fds):
+            self.forget(key)
