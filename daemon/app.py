@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from agentcg import protocol as p
-from agentcg.adapters.cgroupfs import (CgroupFs, detect_hierarchy, mount_of, pid_cgroup)
+from agentcg.adapters.cgroupfs import (CgroupFs, CgroupGone, detect_hierarchy, mount_of, pid_cgroup)
 from agentcg.adapters.procfs import set_oom_score_adj
 from agentcg.core.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config_text
 
@@ -128,6 +128,12 @@ def prepare(config: Config, environ: dict[str, str] | None = None) -> Daemon:
     except OSError as exc:
         log.warning("cannot enable controllers %s in %s: %s", cfg.controllers, root, exc)
         daemon.enabled_controllers = cgfs.subtree_control("")
+    if "cpu" in daemon.enabled_controllers:
+        # the controller must get the CPU when the calls it controls take all of it
+        try:
+            cgfs.write("daemon", "cpu.weight", str(cfg.cpu_weight), "daemon.cpu_weight")
+        except (OSError, CgroupGone) as exc:
+            log.warning("daemon cgroup cpu.weight not set: %s", exc)
     missing = [c for c in needed if c not in daemon.enabled_controllers]
     if missing and cfg.require_controllers:
         raise StartupError(f"cannot enable controllers {missing} in {root}: is the cgroup delegated "

@@ -60,7 +60,11 @@ class DaemonConfig:
     call_oom_score_adj: int = 500
     call_oom_priority_step: int = 40  # added per priority level below the highest (10)
     call_oom_group: bool = True
-
+    # cpu.weight of the daemon's own cgroup (<root>/daemon, a sibling of the
+    # sessions), 1..10000. The daemon has to act exactly when tool calls keep
+    # every CPU busy; with the default 100 it would wait behind them. It
+    # sleeps otherwise, so a high weight costs the calls nothing.
+    cpu_weight: int = 10000
 
     def call_oom_score_adj_for(self, priority: int | None) -> int:
         """A tool call's oom_score_adj: call_oom_score_adj, plus
@@ -125,7 +129,7 @@ _DAEMON_KEYS = {
     "require_controllers": bool, "controllers": list, "straggler_policy": str,
     "straggler_grace_ms": int, "use_systemd_cgroup": bool, "watch_interval_ms": int,
     "finished_keep": int, "log_level": str, "oom_score_adj": "adj", "agent_oom_score_adj": "adj", "call_oom_score_adj": "adj", "call_oom_priority_step": int,
-    "call_oom_group": bool,
+    "call_oom_group": bool, "cpu_weight": "weight",
 }
 _GRANT_KEYS = ("memory_max", "cpu_max", "pids_max", "max_priority", "max_sessions")
 _KNOWN_CONTROLLERS = ("cpu", "memory", "pids", "io")
@@ -262,6 +266,9 @@ def _daemon(tbl: Any) -> DaemonConfig:
         elif kind is bool:
             if not isinstance(value, bool):
                 raise ConfigError(where, value, "is not true or false")
+        elif kind == "weight":
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10000:
+                raise ConfigError(where, value, "is not a cpu.weight (an integer 1..10000)")
         elif kind == "adj":
             if isinstance(value, bool) or not isinstance(value, int) or not -1000 <= value <= 1000:
                 raise ConfigError(where, value, "is not an oom_score_adj (an integer -1000..1000)")

@@ -25,6 +25,8 @@ def vdaemon(request):
 
 
 def test_memory_intent_stops_a_256m_hog_with_numbers(vdaemon):
+    # the daemon's own cgroup outweighs the calls it has to act on (daemon.cpu_weight)
+    assert (vdaemon.root / "daemon" / "cpu.weight").read_text().strip() == "10000"
     c = Client(vdaemon.socket)
     # no session cap: the call's own declared memory_max is the only limit
     with c.session("mem") as s:

@@ -112,3 +112,11 @@ def test_call_oom_score_adj_rises_as_priority_falls():
     assert parse_config("[daemon]\ncall_oom_score_adj = 900\n").daemon.call_oom_score_adj_for(1) == 1000  # clamped
     with pytest.raises(ConfigError, match="call_oom_priority_step"):
         parse_config("[daemon]\ncall_oom_priority_step = -5\n")
+
+
+def test_daemon_cpu_weight_is_a_cgroup_weight():
+    assert parse_config("").daemon.cpu_weight == 10000
+    assert parse_config("[daemon]\ncpu_weight = 500\n").daemon.cpu_weight == 500
+    for bad in ("0", "10001", "true", '"high"'):
+        with pytest.raises(ConfigError, match="daemon.cpu_weight.*cpu.weight"):
+            parse_config(f"[daemon]\ncpu_weight = {bad}\n")
