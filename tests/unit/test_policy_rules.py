@@ -30,9 +30,10 @@ def session(name, prio, calls=(), agent_bytes=100 * M, mx=None, psi=None, trig=(
                        cg(f"s-{name}/agent", agent_bytes), tuple(calls))
 
 
-def snap(sessions, budget=2 * G, now=10**12, state=None, usage=None, swap=0):
+def snap(sessions, budget=2 * G, now=10**12, state=None, usage=None, swap=0, inactive_file=0):
     used = usage if usage is not None else sum(s.cg.memory_current_bytes for s in sessions)
-    return Snapshot(now, HostView(cg("", used), budget, swap), tuple(sessions), state or PolicyState())
+    return Snapshot(now, HostView(cg("", used), budget, swap, inactive_file), tuple(sessions),
+                    state or PolicyState())
 
 
 BB0 = {"name": "burst_borrow", "args": {"share_pct": 0.0}}
@@ -256,6 +257,22 @@ def test_oom_guard_kills_a_tool_call_never_the_agent():
     assert [a.target for a in kills] == ["s-lo/c-1"]
     assert kills[0].reason.rule == "kill" and "budget" in kills[0].reason.threshold
     assert not any(a.target.endswith("/agent") or a.target in ("s-hi", "s-lo") for a in kills)
+
+
+def test_oom_guard_leaves_idle_page_cache_to_reclaim():
+    """At its budget, a host whose usage is partly idle page cache kills
+    nothing: the kernel drops that cache first. Once what is left is
+    pinned (anonymous) memory, the guard takes a call."""
+    rs = load_ruleset({"rules": LADDER})
+    lo = call("lo", 1, cur=200 * M, high=None)
+    hi = call("hi", 1, cur=100 * M, high=None)
+    sessions = [session("hi", 9, [hi], agent_bytes=600 * M), session("lo", 1, [lo], agent_bytes=120 * M)]
+    cached = decide(snap(sessions, budget=1 * G, usage=1 * G, inactive_file=64 * M), rs)
+    assert not [a for a in cached if a.kind == "kill"]
+    pinned = decide(snap(sessions, budget=1 * G, usage=1 * G, inactive_file=4 * M), rs)
+    kills = [a for a in pinned if a.kind == "kill"]
+    assert [a.target for a in kills] == ["s-lo/c-1"]
+    assert "idle page cache" in kills[0].reason.detail
 
 
 def test_kill_refuses_non_call_cgroups():

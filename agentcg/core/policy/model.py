@@ -125,15 +125,24 @@ class HostView:
     swap_bytes: swap the tree can still use (the smaller of the host's free
     swap and the tree's memory.swap.max); 0 or None = none, and then memory
     that is frozen or throttled stays resident: only a call that ends or is
-    killed gives memory back."""
+    killed gives memory back. inactive_file_bytes: page cache in the tree
+    that the kernel reclaims first, without touching anyone's working set
+    (memory.stat inactive_file): usage up to that much above the budget
+    is not yet a reason for anyone to die."""
 
     cg: CgroupView
     budget_bytes: int | None = None
     swap_bytes: int | None = None
+    inactive_file_bytes: int = 0
 
     @property
     def usage_bytes(self) -> int:
         return self.cg.memory_current_bytes
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Usage the kernel cannot give back by dropping idle page cache."""
+        return max(0, self.usage_bytes - self.inactive_file_bytes)
 
     @property
     def slack_bytes(self) -> int | None:

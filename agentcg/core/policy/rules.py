@@ -535,8 +535,10 @@ class Kill(RuleBase):
     (and a higher priority is actually short: denied, stalled, or the host at
     its reserve mark; not while it was granted what it asked),
     when calls have waited for memory with no grant anywhere for deadlock_ns,
-    or at once when host usage reaches oom_guard_pct of the budget (the
-    kernel's OOM killer would otherwise pick a process itself). The victim is
+    or at once when host usage, less the idle page cache the kernel drops
+    first (inactive_file), reaches oom_guard_pct of the budget (the kernel's
+    OOM killer would otherwise pick a process itself; usage that is idle
+    cache is reclaimed, not killed for). The victim is
     the lowest-priority call, frozen ones first, then the largest. One kill per
     escalate_after_ns; the agent gets feedback.
     {name = "kill", args = {escalate_after_ns = "2s", deadlock_ns = "5s", oom_guard_pct = 99.0}}"""
@@ -548,7 +550,7 @@ class Kill(RuleBase):
 
     def guard(self, ctx: Ctx) -> bool:
         host = ctx.snap.host
-        return host.budget_bytes is not None and host.usage_bytes >= host.budget_bytes * self.oom_guard_pct / 100
+        return host.budget_bytes is not None and host.pinned_bytes >= host.budget_bytes * self.oom_guard_pct / 100
 
     def apply(self, ctx: Ctx, guard: bool = False) -> bool:
         if not guard and ctx.findings and all(f.kind == "borrow" for f in ctx.findings):
@@ -564,7 +566,8 @@ class Kill(RuleBase):
             cands = []
         why = ""
         if guard:
-            why = "host at its budget"
+            why = "host at its budget" + (f" ({fb(host.usage_bytes)} used, {fb(host.inactive_file_bytes)} "
+                                          f"of it idle page cache)" if host.inactive_file_bytes else "")
             if not cands:
                 cands = sorted(ctx.snap.calls(), key=lambda sc: (sc[0].priority, -sc[1].cg.memory_current_bytes))
         elif not cands:
@@ -583,7 +586,7 @@ class Kill(RuleBase):
             cands.sort(key=lambda sc: (sc[0].priority, sc[1].path not in frozen, -sc[1].cg.memory_current_bytes))
         sess, call = cands[0]
         if guard:
-            reason = Reason(self.rule_name, fb(host.usage_bytes),
+            reason = Reason(self.rule_name, fb(host.pinned_bytes),
                             f"{fb(int(host.budget_bytes * self.oom_guard_pct / 100))} ({self.oom_guard_pct:g}% "
                             f"of budget {fb(host.budget_bytes)})", op=">=", detail=why)
         else:
