@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(a.plan) as f:
         plan = SessionPlan.from_json(f.read())
     client = Client(a.socket)
-    client.request("session.create", name=a.session, intent={"priority": a.priority}, exist_ok=False)
-    client.request("session.attach", name=a.session, pid=os.getpid())
+    client.request("session.create", name=a.session, intent={"priority": a.priority}, exist_ok=True, retry_s=10)
+    client.request("session.attach", name=a.session, pid=os.getpid(), retry_s=10)
     burst_path = a.out + ".bursts"
     log_fd = os.open(burst_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     agent = Holder()

@@ -139,12 +139,20 @@ class PolicyRun:
         d = subprocess.Popen([sys.executable, "-m", "agentcg.daemon.app", "--config", str(cfg),
                               "--cgroup-root", str(self.root), "--runtime-dir", str(runtime)],
                              stderr=open(self.dir / "agentcgd.log", "w"))
+        # ready = it answers a request (the socket file appears at bind(), before listen())
+        from agentcg.client import Client
         deadline = time.monotonic() + 120
-        while not os.path.exists(self.socket):
+        while True:
             if d.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"agentcgd for {self.policy} did not start; see {self.dir / 'agentcgd.log'}")
+            if os.path.exists(self.socket):
+                try:
+                    with Client(self.socket, timeout_s=5) as c:
+                        c.request("status")
+                    return d
+                except Exception:
+                    pass
             time.sleep(0.02)
-        return d
 
     def run(self) -> dict:
         daemon = self.start_daemon()
@@ -213,7 +221,11 @@ class PolicyRun:
                     parts = line.split()
                     if len(parts) in (3, 4):
                         bursts.append((int(parts[0]), int(parts[1]), parts[3] if len(parts) == 4 else "burst"))
-            agents.append({"i": i, "returncode": pr.returncode, "result": res, "bursts": bursts,
+            err = None
+            if res is None:  # why the agent wrote no result: the end of its log
+                log_text = (self.dir / f"agent-{i}.log").read_text(errors="replace").strip()
+                err = log_text.splitlines()[-1][:300] if log_text else f"exit status {pr.returncode}, no log"
+            agents.append({"i": i, "returncode": pr.returncode, "result": res, "bursts": bursts, "error": err,
                            "priority": self.prios[i], "trace": self.plans[i].trace})
         actions = []
         if self.events.exists():
@@ -304,6 +316,7 @@ def summarize(policy: str, raw: dict, solo: dict[str, float], budget: int | None
         "policy": policy,
         "agents_killed": killed_agents,
         "agent_returncodes": [a["returncode"] for a in agents],
+        "agent_errors": [a["error"] for a in agents if a.get("error")],
         "toolcalls_killed": tc_killed,
         "oom_events": raw["memory_events"].get("oom_kill", 0),
         "oom_raised": raw["memory_events"].get("oom", 0),

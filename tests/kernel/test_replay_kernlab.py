@@ -16,6 +16,14 @@ pytestmark = pytest.mark.kernlab
 TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "traces" / "dev"
 
 
+def _logs(run_dir: Path) -> str:
+    """The agents' and the daemon's logs of one policy's run, for a failure message."""
+    parts = []
+    for f in sorted(run_dir.glob("*.log")):
+        parts.append(f"--- {f.name}\n{f.read_text(errors='replace')[-2000:]}")
+    return "\n".join(parts) or f"(no logs in {run_dir})"
+
+
 def test_replay_runs_end_to_end_and_adaptive_loses_no_agent(tmp_path):
     require_cgroup2_controllers("memory", "cpu", "pids")
     trace = TRACES / "haiku__matrix-org__synapse-6145.json"
@@ -36,7 +44,8 @@ def test_replay_runs_end_to_end_and_adaptive_loses_no_agent(tmp_path):
                     "low_jct_vs_solo_p50", "mem_peak_mb", "mem_mean_mb", "reaction_p99_ms", "budget_mb",
                     "unlimited_peak_mb"):
             assert key in p
-        assert p["tool_calls"] == 10  # the trace's 5 calls, in each of the 2 sessions
+        # the trace's 5 calls, in each of the 2 sessions
+        assert p["tool_calls"] == 10, (p["policy"], p["agent_returncodes"], _logs(out / "replay-runs" / p["policy"]))
     assert pols["adaptive"]["agents_killed"] == 0
     assert res["params"]["budget_mb"] > 0 and res["params"]["unlimited_peak_mb"] > 0
     assert "| (d) agentcg adaptive |" in (out / "replay.md").read_text()
