@@ -95,3 +95,17 @@ def remove_daemon_tree(root: Path) -> None:
         fs.wait_unpopulated(rel, 5)
         fs.remove_tree(rel)
     fs.remove_tree("")
+
+
+@pytest.fixture
+def scratch():
+    """An empty cgroup of this test's own on any cgroup2 mount (no
+    controllers needed), removed afterwards with whatever the test made
+    below it, deepest first."""
+    mnt = require_cgroup2()
+    path = Path(mnt) / f"agentcg-test-{os.getpid()}"
+    path.mkdir()
+    yield path
+    for child in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        child.rmdir()
+    path.rmdir()

@@ -3,26 +3,12 @@ one descriptor per file, fresh values through it, and a cgroup removed and
 made again at the same path is read again, not through a dead descriptor."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import pytest
 
 from agentcg.adapters.cgroupfs import CgroupFs, OpenFiles
-from conftest import require_cgroup2
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture
-def scratch():
-    mnt = require_cgroup2()
-    path = Path(mnt) / f"agentcg-test-files-{os.getpid()}"
-    path.mkdir()
-    yield path
-    for child in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        child.rmdir()
-    path.rmdir()
 
 
 def test_reads_follow_the_kernel_and_survive_remove_and_recreate(scratch):

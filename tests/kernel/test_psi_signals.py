@@ -1,30 +1,16 @@
 """PSI triggers and kernfs change notifications on this host's cgroup2."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from agentcg.adapters.psi import PsiUnsupported, SignalWatch, read_psi
-from conftest import require_cgroup2
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture
-def scratch():
-    mnt = require_cgroup2()
-    path = Path(mnt) / f"agentcg-test-psi-{os.getpid()}"
-    path.mkdir()
-    yield path
-    for child in sorted(path.glob("*/"), reverse=True):
-        child.rmdir()
-    path.rmdir()
 
 
 def test_trigger_is_accepted_with_a_500ms_window_and_quiet_cgroup_stays_silent(scratch):
