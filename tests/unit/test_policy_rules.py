@@ -275,6 +275,20 @@ def test_oom_guard_leaves_idle_page_cache_to_reclaim():
     assert "idle page cache" in kills[0].reason.detail
 
 
+def test_oom_guard_counts_a_killed_call_still_exiting_as_freed():
+    """The guard killed lo's call one tick ago; it still holds its 200M while
+    it exits. At the same usage the next tick kills nobody else, but it does
+    when what the dying call gives back is not enough."""
+    rs = load_ruleset({"rules": LADDER})
+    lo = call("lo", 1, cur=200 * M, high=None)
+    hi = call("hi", 1, cur=100 * M, high=None)
+    sessions = [session("hi", 9, [hi], agent_bytes=600 * M), session("lo", 1, [lo], agent_bytes=120 * M)]
+    dying = PolicyState().with_(killed=("s-lo/c-1",))
+    assert not [a for a in decide(snap(sessions, budget=1 * G, usage=1 * G, state=dying), rs) if a.kind == "kill"]
+    over = decide(snap(sessions, budget=1 * G, usage=1 * G + 400 * M, state=dying), rs)
+    assert [a.target for a in over if a.kind == "kill"] == ["s-hi/c-1"]
+
+
 def test_kill_refuses_non_call_cgroups():
     from agentcg.core.policy.context import Ctx
     ctx = Ctx(snap([]), PolicyState())

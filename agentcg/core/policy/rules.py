@@ -549,8 +549,16 @@ class Kill(RuleBase):
     oom_guard_pct: float = 99.0
 
     def guard(self, ctx: Ctx) -> bool:
+        """Host usage, less idle page cache and less what the calls killed
+        earlier still hold (their memory is on its way back: a kill takes a
+        few milliseconds to free it, and a tick in between must not count it
+        again and kill one more), at oom_guard_pct of the budget."""
         host = ctx.snap.host
-        return host.budget_bytes is not None and host.pinned_bytes >= host.budget_bytes * self.oom_guard_pct / 100
+        if host.budget_bytes is None:
+            return False
+        dying = set(ctx.st("killed"))
+        freeing = sum(c.cg.memory_current_bytes for _s, c in ctx.snap.calls() if c.path in dying)
+        return host.pinned_bytes - freeing >= host.budget_bytes * self.oom_guard_pct / 100
 
     def apply(self, ctx: Ctx, guard: bool = False) -> bool:
         if not guard and ctx.findings and all(f.kind == "borrow" for f in ctx.findings):
