@@ -349,6 +349,8 @@ def summarize(policy: str, raw: dict, solo: dict[str, float], budget: int | None
         "daemon_tick_us": (raw.get("policy_status") or {}).get("tick_us"),
         "policy_actions": len(raw["actions"]),
         "action_kinds": {k: sum(1 for e in raw["actions"] if e.get("kind") == k) for k in ("set", "freeze", "thaw", "kill")},
+        # each kill the policy wrote, with its reason (the kernel's own OOM kills are oom_events)
+        "policy_kills": [e.get("line", "") for e in raw["actions"] if e.get("kind") == "kill"],
         "tool_calls": len(calls),
     }
 
