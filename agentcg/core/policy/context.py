@@ -70,6 +70,9 @@ class Ctx:
             "memory.high": cg.memory_high_bytes, "memory.max": cg.memory_max_bytes,
             "memory.low": cg.memory_low_bytes, "cpu.weight": cg.cpu_weight, "cpu.max": cg.cpu_max,
         }[knob]
+        if knob.startswith("memory.") and isinstance(new, int):
+            page = self.snap.host.page_bytes
+            new -= new % page  # what the kernel would keep of it
         self._drop(cg.path, knob)
         self.planned[(cg.path, knob)] = new
         if current == new:

@@ -128,12 +128,16 @@ class HostView:
     killed gives memory back. inactive_file_bytes: page cache in the tree
     that the kernel reclaims first, without touching anyone's working set
     (memory.stat inactive_file): usage up to that much above the budget
-    is not yet a reason for anyone to die."""
+    is not yet a reason for anyone to die. page_bytes: the kernel's page size."""
 
     cg: CgroupView
     budget_bytes: int | None = None
     swap_bytes: int | None = None
     inactive_file_bytes: int = 0
+    # the kernel keeps memory.{high,max,low} in whole pages (a write is
+    # rounded down): plans are made in the same unit, or a value that is not
+    # a page multiple would never read back as set and be written every tick
+    page_bytes: int = 4096
 
     @property
     def usage_bytes(self) -> int:
