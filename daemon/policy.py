@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import time
 from typing import Any
 
@@ -25,6 +26,7 @@ from agentcg.core.policy import (
 )
 
 log = logging.getLogger("agentcg.policy")
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")  # the unit of memory.{high,max,low}
 IDLE_TICK_S = 1.0  # only for calm-down bookkeeping; pressure and breaches wake the loop at once
 # A call's start or end is looked at within this; the kicks of the calls that
 # start and end meanwhile share one tick. A tick reads every cgroup of the
@@ -239,8 +241,8 @@ class PolicyLoop:
                 tuple(calls), s.intent.memory_bytes, s.intent.memory_max_bytes, s.intent.cpu_class))
         budget = host_cg.memory_max_bytes
         inactive = _stat(self.files.read("", "memory.stat"), "inactive_file") if budget is not None else 0
-        return Snapshot(time.monotonic_ns(), HostView(host_cg, budget, self._swap(), inactive), tuple(sessions),
-                        self.state)
+        return Snapshot(time.monotonic_ns(), HostView(host_cg, budget, self._swap(), inactive, PAGE_BYTES),
+                        tuple(sessions), self.state)
 
     def _swap(self) -> int:
         """Swap the tree can use: the host's free swap, within the root's
