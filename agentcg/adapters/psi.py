@@ -162,7 +162,10 @@ class SignalWatch:
         except asyncio.TimeoutError:
             pass
         finally:
-            loop.remove_reader(self.fileno())
+            if not self._ep.closed:  # closed while this wait was being cancelled (shutdown)
+                loop.remove_reader(self.fileno())
+        if self._ep.closed:
+            return []
         return self.drain(0)
 
     def close(self) -> None:

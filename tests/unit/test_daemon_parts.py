@@ -103,3 +103,23 @@ def test_hooks_isolate_failures_and_merge_extra_stats():
     assert hooks.call_end(None, None, None) == {"bpf_execs": 3}
     assert hooks.status() == {"Good": {"ok": True}}
     hooks.call_start(None, None, None)   # no hook has it: nothing happens
+
+
+def test_signal_watch_closed_while_a_wait_is_being_cancelled():
+    """Shutdown order in the daemon: the policy loop's task is cancelled, then
+    the watch is closed before the inner wait has finished unwinding; that
+    wait must end quietly, not with 'I/O operation on closed epoll object'."""
+    import asyncio
+
+    from agentcg.adapters.psi import SignalWatch
+
+    async def go():
+        w = SignalWatch()
+        t = asyncio.ensure_future(w.wait(5.0))
+        await asyncio.sleep(0.01)
+        t.cancel()
+        w.close()
+        results = await asyncio.gather(t, return_exceptions=True)
+        assert isinstance(results[0], asyncio.CancelledError)
+
+    asyncio.run(go())
