@@ -7,7 +7,8 @@
            (a) through descriptors kept open (OpenFiles, what the daemon does)
            and (b) by path (open, read, close per file); rounds interleaved.
   breach   a tool-call process about to allocate past its memory.high (it
-           notes the time, then allocates) -> the policy's write on that
+           fills its cgroup to 2 MiB below the mark, notes the time, then
+           allocates 4 MiB) -> the policy's write on that
            call's cgroup (burst borrowing raises the mark), through the real
            kernel signal path: memory.events change notification, wake, tick,
            write. --rounds fresh calls, one at a time, with the tree above
@@ -41,6 +42,7 @@ from agentcg.core.policy import load_ruleset  # noqa: E402
 from agentcg.daemon.policy import PolicyLoop  # noqa: E402
 
 MB = 1 << 20
+CROSS_MARGIN_BYTES = 2 * MB
 
 
 class ByPath:
@@ -130,18 +132,25 @@ def tick_costs(cgfs: CgroupFs, sessions, ticks: int, ruleset) -> dict:
     return out
 
 
-def hog(ready_w: int, go_r: int, t_w: int, grow_bytes: int) -> None:
-    """Child: wait to be placed, note the time, allocate past the mark, hold."""
+def touch(n: int) -> bytearray:
+    buf = bytearray(n)
+    buf[::4096] = b"\x01" * len(range(0, n, 4096))  # fault every page in
+    return buf
+
+
+def hog(ready_w: int, go_r: int, t_w: int) -> None:
+    """Child: wait to be placed; fill its cgroup to just below the mark
+    (told by the parent), note the time, then allocate past the mark; hold."""
     os.write(ready_w, b"r")
-    os.read(go_r, 1)
+    below, cross = (int(x) for x in os.read(go_r, 64).split())
+    held = [touch(below)]
     os.write(t_w, f"{time.monotonic_ns()}\n".encode())
-    buf = bytearray(grow_bytes)
-    buf[::4096] = b"\x01" * (grow_bytes // 4096)
+    held.append(touch(cross))
     time.sleep(0.3)
     os._exit(0)
 
 
-async def breach_rounds(cgfs: CgroupFs, sessions, rounds: int, ruleset, grow_x: int = 2) -> dict:
+async def breach_rounds(cgfs: CgroupFs, sessions, rounds: int, ruleset) -> dict:
     loop = PolicyLoop(cgfs, ruleset)
     for s in sessions:
         loop.on_session_create(s, cgfs.path(s.rel))
@@ -165,10 +174,12 @@ async def breach_rounds(cgfs: CgroupFs, sessions, rounds: int, ruleset, grow_x: 
             t_r, t_w = os.pipe()
             pid = os.fork()
             if pid == 0:
-                hog(ready_w, go_r, t_w, high * grow_x)
+                hog(ready_w, go_r, t_w)
             os.read(ready_r, 1)
             cgfs.place(c.rel, pid)
-            os.write(go_w, b"g")
+            # up to CROSS_MARGIN below the mark first, untimed; the timed part crosses it
+            below = max(0, high - (cgfs.read_int(c.rel, "memory.current") or 0) - CROSS_MARGIN_BYTES)
+            os.write(go_w, f"{below} {2 * CROSS_MARGIN_BYTES}".encode())
             t_mark = int(os.read(t_r, 64).decode().strip())
             deadline = time.monotonic() + 3.0
             hit = None
@@ -195,7 +206,9 @@ async def breach_rounds(cgfs: CgroupFs, sessions, rounds: int, ruleset, grow_x: 
             pass
         loop.close()
     return {"mark_to_write_ms": summary(delays), "missed": missed, "daemon_signal_to_action_us": signal_us,
-            "call_memory_high_bytes": sorted(set(marks)), "grow": f"{grow_x}x the call's memory.high"}
+            "call_memory_high_bytes": sorted(set(marks)),
+            "timed_from": f"{CROSS_MARGIN_BYTES // MB} MiB below the call's memory.high, allocating "
+                          f"{2 * CROSS_MARGIN_BYTES // MB} MiB"}
 
 
 def main(argv: list[str] | None = None) -> int:
