@@ -251,6 +251,15 @@ class PolicyRun:
         return {k: pol[k] for k in ("tick_us", "signal_to_action_us", "ticks") if k in pol}
 
 
+def source_commit() -> str | None:
+    """The commit of the code that ran (None outside a git checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def agents_alone_peak(plans: list[SessionPlan]) -> int:
     """The most the agents alone hold at once (recorded timelines, all
     sessions starting together, no tool call memory): a budget below this
@@ -437,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
               "summed_avg_mb": round(avg_sum / MB, 1), "summed_peak_mb": round(sum(p.peak_bytes for p in plans) / MB, 1),
               "agents_alone_peak_mb": round(agents_alone_peak(plans) / MB, 1),
               "burst_min_mb": args.burst_min_mb,
-              "solo_jct_s": solo, "host": os.uname().nodename, "kernel": os.uname().release}
+              "solo_jct_s": solo, "host": os.uname().nodename, "kernel": os.uname().release,
+              "commit": source_commit()}
     for r in results:
         r.update({"budget_mb": params["budget_mb"], "unlimited_peak_mb": unlimited, "params": params})
     (out / "replay.json").write_text(json.dumps({"params": params, "policies": results}, indent=1))
