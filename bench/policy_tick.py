@@ -40,6 +40,7 @@ from agentcg.adapters.cgroupfs import CgroupFs  # noqa: E402
 from agentcg.core.intents import Intent  # noqa: E402
 from agentcg.core.policy import load_ruleset  # noqa: E402
 from agentcg.daemon.policy import PolicyLoop  # noqa: E402
+from bench.replay.run import controlled_cgroup2  # noqa: E402
 
 MB = 1 << 20
 CROSS_MARGIN_BYTES = 2 * MB
@@ -65,14 +66,6 @@ def pct(xs: list[float], q: float) -> float | None:
 
 def summary(xs: list[float]) -> dict:
     return {"n": len(xs), "p50": pct(xs, 0.5), "p99": pct(xs, 0.99), "mean": round(statistics.fmean(xs), 3) if xs else None}
-
-
-def cgroup2_mount() -> Path:
-    for line in open("/proc/self/mounts"):
-        parts = line.split()
-        if parts[2] == "cgroup2":
-            return Path(parts[1])
-    raise SystemExit("no cgroup2 mount")
 
 
 def session_obj(name: str, prio: int) -> SimpleNamespace:
@@ -224,14 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("needs root (it creates cgroups)")
-    mnt = cgroup2_mount()
-    if "memory" not in (mnt / "cgroup.controllers").read_text().split():
-        raise SystemExit(f"cgroup2 at {mnt} has no memory controller (a hybrid host): run it in the kernel lab")
-    for ctrl in ("memory", "cpu", "pids"):
-        try:
-            (mnt / "cgroup.subtree_control").write_text(f"+{ctrl}")
-        except OSError:
-            pass
+    mnt = controlled_cgroup2()
     root = mnt / f"agentcg-bench-tick-{os.getpid()}"
     cgfs = CgroupFs(root)
     cgfs.create("")

@@ -49,6 +49,23 @@ def cgroup2_mount() -> Path:
     return Path(points[0])
 
 
+def controlled_cgroup2(needed: tuple[str, ...] = ("memory", "cpu", "pids")) -> Path:
+    """The cgroup2 mount, with `needed` enabled for its children; exits
+    with the reason on a host that lacks them (a hybrid host: use the
+    kernel lab)."""
+    mnt = cgroup2_mount()
+    have = set(read(mnt / "cgroup.controllers").split())
+    if not set(needed) <= have:
+        raise SystemExit(f"cgroup2 at {mnt} lacks the {'/'.join(needed)} controllers (have: {sorted(have)}); "
+                         "on a hybrid host run it in the kernel lab (../shared/kernlab/kernlab.sh)")
+    for c in needed:
+        try:
+            (mnt / "cgroup.subtree_control").write_text(f"+{c}")
+        except OSError:
+            pass
+    return mnt
+
+
 def read(p: Path) -> str:
     try:
         return p.read_text()
@@ -392,16 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("the replay needs root (it creates cgroups)")
-    mnt = cgroup2_mount()
+    mnt = controlled_cgroup2()
     args.cgroup_mount = args.cgroup_mount or str(mnt)
-    have = set(read(mnt / "cgroup.controllers").split())
-    if not {"memory", "cpu", "pids"} <= have:
-        raise SystemExit(f"cgroup2 at {mnt} lacks the memory/cpu/pids controllers (have: {sorted(have)})")
-    for c in ("memory", "cpu", "pids"):
-        try:
-            (mnt / "cgroup.subtree_control").write_text(f"+{c}")
-        except OSError:
-            pass
     chosen = choose(args)
     plans = [build_plan(t, args.mem_scale, name) for name, t in chosen]
     prios = [int(x) for x in args.priorities.split(",")]
