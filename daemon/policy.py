@@ -46,7 +46,8 @@ def _int(text: str | None, default: int | None = None) -> int | None:
         return default
 
 
-def _events(text: str | None) -> MemEvents:
+def _flat(text: str | None) -> dict[str, int]:
+    """A flat-keyed interface file ("key value" lines: memory.events, memory.stat)."""
     kv = {}
     for line in (text or "").splitlines():
         k, _, v = line.partition(" ")
@@ -54,19 +55,12 @@ def _events(text: str | None) -> MemEvents:
             kv[k] = int(v)
         except ValueError:
             pass
+    return kv
+
+
+def _events(text: str | None) -> MemEvents:
+    kv = _flat(text)
     return MemEvents(kv.get("low", 0), kv.get("high", 0), kv.get("max", 0), kv.get("oom", 0), kv.get("oom_kill", 0))
-
-
-def _stat(text: str | None, key: str) -> int:
-    """One field of a flat-keyed file (memory.stat); 0 when absent."""
-    for line in (text or "").splitlines():
-        k, _, v = line.partition(" ")
-        if k == key:
-            try:
-                return int(v)
-            except ValueError:
-                return 0
-    return 0
 
 
 def _pcts(values) -> dict:
@@ -240,7 +234,7 @@ class PolicyLoop:
                 s.name, self._cg(s.rel), s.intent.priority or 0, self._cg(f"{s.rel}/agent", full=False),
                 tuple(calls), s.intent.memory_bytes, s.intent.memory_max_bytes, s.intent.cpu_class))
         budget = host_cg.memory_max_bytes
-        inactive = _stat(self.files.read("", "memory.stat"), "inactive_file") if budget is not None else 0
+        inactive = _flat(self.files.read("", "memory.stat")).get("inactive_file", 0) if budget is not None else 0
         return Snapshot(time.monotonic_ns(), HostView(host_cg, budget, self._swap(), inactive, PAGE_BYTES),
                         tuple(sessions), self.state)
 
