@@ -220,9 +220,11 @@ class PolicyLoop:
     def snapshot(self) -> Snapshot:
         host_cg = self._cg("")
         sessions = []
+        live = {""}  # the cgroups read this time; descriptors of any other are closed below
         for s in list(self.sessions.values()):
             if not self.cgfs.exists(s.rel):
                 continue
+            live |= {s.rel, f"{s.rel}/agent"} | {c.rel for c in s.calls.values()}
             calls = []
             for n, c in sorted(s.calls.items()):
                 cmd = " ".join(c.argv) if c.argv else c.name
@@ -234,6 +236,7 @@ class PolicyLoop:
                 s.name, self._cg(s.rel), s.intent.priority or 0, self._cg(f"{s.rel}/agent", full=False),
                 tuple(calls), s.intent.memory_bytes, s.intent.memory_max_bytes, s.intent.cpu_class))
         budget = host_cg.memory_max_bytes
+        self.files.keep_only(live)
         inactive = _flat(self.files.read("", "memory.stat")).get("inactive_file", 0) if budget is not None else 0
         return Snapshot(time.monotonic_ns(), HostView(host_cg, budget, self._swap(), inactive, PAGE_BYTES),
                         tuple(sessions), self.state)

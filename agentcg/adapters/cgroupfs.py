@@ -551,7 +551,15 @@ class OpenFiles:
     def forget(self, rel: str) -> None:
         """Close the descriptors of `rel` and of every cgroup below it."""
         below = f"{rel}/" if rel else ""
-        for key in [k for k in self._fds if k == rel or k.startswith(below)]:
+        self._drop([k for k in self._fds if k == rel or k.startswith(below)])
+
+    def keep_only(self, rels: set[str]) -> None:
+        """Close the descriptors of every cgroup not in `rels` (the ones a
+        reader just looked at): whatever ended without a forget() is let go."""
+        self._drop([k for k in self._fds if k not in rels])
+
+    def _drop(self, keys: list[str]) -> None:
+        for key in keys:
             for fd in self._fds.pop(key).values():
                 if fd is not None:
                     try:

@@ -123,3 +123,47 @@ def test_signal_watch_closed_while_a_wait_is_being_cancelled():
         assert isinstance(results[0], asyncio.CancelledError)
 
     asyncio.run(go())
+
+
+def test_policy_snapshot_reads_budget_idle_cache_and_page_size(tmp_path):
+    """The loop's snapshot over a tree of interface files: the budget from the
+    root's memory.max, idle page cache from its memory.stat, the call's
+    values through descriptors kept open (a rewrite of the file is seen)."""
+    import os
+    from types import SimpleNamespace
+
+    from agentcg.adapters.cgroupfs import CgroupFs
+    from agentcg.core.intents import Intent
+    from agentcg.core.policy import load_ruleset
+    from agentcg.daemon.policy import PolicyLoop
+
+    def files(d, **kv):
+        d.mkdir(parents=True, exist_ok=True)
+        for k, v in kv.items():
+            (d / k.replace("__", ".")).write_text(f"{v}\n")
+
+    files(tmp_path, memory__max=1 << 30, memory__current=300 << 20,
+          memory__stat="anon 100\ninactive_file 12582912\nactive_file 4096")
+    files(tmp_path / "s-a", memory__current=200 << 20)
+    files(tmp_path / "s-a" / "c-1", memory__current=50 << 20, memory__high=64 << 20)
+    call = SimpleNamespace(rel="s-a/c-1", argv=["pytest"], name="pytest", start_ns=0, intent=Intent())
+    sess = SimpleNamespace(name="a", rel="s-a", calls={1: call}, intent=Intent(priority=8))
+    loop = PolicyLoop(CgroupFs(tmp_path), load_ruleset({"preset": "adaptive"}), dry_run=True)
+    try:
+        loop.sessions["a"] = sess
+        snap = loop.snapshot()
+        assert snap.host.budget_bytes == 1 << 30 and snap.host.usage_bytes == 300 << 20
+        assert snap.host.inactive_file_bytes == 12 << 20
+        assert snap.host.page_bytes == os.sysconf("SC_PAGE_SIZE")
+        [c] = snap.sessions[0].calls
+        assert (c.cg.memory_current_bytes, c.cg.memory_high_bytes) == (50 << 20, 64 << 20)
+        (tmp_path / "s-a" / "c-1" / "memory.current").write_text(f"{60 << 20}\n")
+        assert loop.snapshot().sessions[0].calls[0].cg.memory_current_bytes == 60 << 20
+        assert loop.files.open_count() > 0
+        opened = loop.files.open_count()
+        del sess.calls[1]                  # the call ended: the next tick lets its files go
+        loop.snapshot()
+        assert loop.files.open_count() < opened
+        assert "s-a/c-1" not in loop.files._fds
+    finally:
+        loop.close()
