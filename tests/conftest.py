@@ -81,6 +81,16 @@ def in_kernlab() -> bool:
     return os.environ.get("KERNLAB") == "1"
 
 
+def daemon_dirs(request, mnt: Path) -> tuple[Path, Path]:
+    """A test daemon's cgroup root below `mnt` and its runtime directory
+    (made, mode 0755), both named after the test."""
+    tag = f"agentcg-test-{os.getpid()}-{request.node.name[:20]}"
+    runtime = Path("/tmp") / tag
+    runtime.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(runtime, 0o755)
+    return mnt / tag, runtime
+
+
 def remove_daemon_tree(root: Path) -> None:
     """Kill and remove every session a test's agentcgd left below `root`, then
     `root` itself (each session thawed first, in case a test froze it)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_cgroup2, remove_daemon_tree
+from conftest import daemon_dirs, require_cgroup2, remove_daemon_tree
 from agentcg.adapters.cgroupfs import detect_hierarchy
 from agentcg.client import Client, ProtocolError
 
@@ -62,11 +62,7 @@ def gone_soon(path: Path, timeout_s: float = 5.0) -> bool:
 
 def start_daemon(request, mnt: Path, require_controllers: bool = False):
     """A daemon under <mnt>/agentcg-test-..., stopped and cleaned up by the generator."""
-    tag = f"agentcg-test-{os.getpid()}-{request.node.name[:20]}"
-    root = mnt / tag
-    runtime = Path("/tmp") / tag
-    runtime.mkdir(mode=0o755, exist_ok=True)
-    os.chmod(runtime, 0o755)
+    root, runtime = daemon_dirs(request, mnt)
     d = Agentcgd(root, runtime, require_controllers=require_controllers).start()
     yield d
     d.stop(signal.SIGKILL)

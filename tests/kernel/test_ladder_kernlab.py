@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from agentcg.client import Client
-from conftest import require_cgroup2_controllers, remove_daemon_tree
+from conftest import daemon_dirs, require_cgroup2_controllers, remove_daemon_tree
 from test_daemon_host import Agentcgd
 
 pytestmark = pytest.mark.kernlab
@@ -82,11 +82,7 @@ class LoggedAgentcgd(Agentcgd):
 
 @pytest.fixture
 def pdaemon(request, tmp_path):
-    mnt = require_cgroup2_controllers("memory", "pids", "cpu")
-    tag = f"agentcg-test-{os.getpid()}-{request.node.name[:16]}"
-    root = mnt / tag
-    runtime = Path("/tmp") / tag
-    runtime.mkdir(mode=0o755, exist_ok=True)
+    root, runtime = daemon_dirs(request, require_cgroup2_controllers("memory", "pids", "cpu"))
     cfg = tmp_path / "agentcg.toml"
     cfg.write_text(CONFIG)
     d = LoggedAgentcgd(root, runtime, ["--config", str(cfg), "--log-level", "info"], require_controllers=True)

@@ -13,7 +13,6 @@ larger process): the protection, not luck, decides.
 """
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import pytest
 
 from agentcg.adapters.procfs import read_oom_score_adj
 from agentcg.client import Client
-from conftest import require_cgroup2_controllers, remove_daemon_tree
+from conftest import daemon_dirs, require_cgroup2_controllers, remove_daemon_tree
 from test_daemon_host import Agentcgd
 
 pytestmark = pytest.mark.kernlab
@@ -47,11 +46,7 @@ while True:
 
 
 def _daemon(request, tmp_path, extra: str = ""):
-    mnt = require_cgroup2_controllers("memory", "pids", "cpu")
-    tag = f"agentcg-test-{os.getpid()}-{request.node.name[:16]}"
-    root = mnt / tag
-    runtime = Path("/tmp") / tag
-    runtime.mkdir(mode=0o755, exist_ok=True)
+    root, runtime = daemon_dirs(request, require_cgroup2_controllers("memory", "pids", "cpu"))
     cfg = tmp_path / "agentcg.toml"
     cfg.write_text(f'[daemon]\nrequire_controllers = true\nlog_level = "warning"\n{extra}\n'
                    f'[policy]\npreset = "none"\n')
