@@ -571,5 +571,4 @@ class OpenFiles:
         return sum(1 for files in self._fds.values() for fd in files.values() if fd is not None)
 
     def close(self) -> None:
-        for key in list(self._fds):
-            self.forget(key)
+        self._drop(list(self._fds))

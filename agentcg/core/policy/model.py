@@ -127,8 +127,8 @@ class HostView:
     that is frozen or throttled stays resident: only a call that ends or is
     killed gives memory back. inactive_file_bytes: page cache in the tree
     that the kernel reclaims first, without touching anyone's working set
-    (memory.stat inactive_file): usage up to that much above the budget
-    is not yet a reason for anyone to die. page_bytes: the kernel's page size."""
+    (memory.stat inactive_file): the part of usage that is such cache is no
+    reason for anyone to die. page_bytes: the kernel's page size."""
 
     cg: CgroupView
     budget_bytes: int | None = None
