@@ -55,6 +55,9 @@ class ByPath:
     def forget(self, rel: str) -> None:
         pass
 
+    def keep_only(self, rels: set[str]) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
