@@ -40,7 +40,7 @@ from agentcg.adapters.cgroupfs import CgroupFs  # noqa: E402
 from agentcg.core.intents import Intent  # noqa: E402
 from agentcg.core.policy import load_ruleset  # noqa: E402
 from agentcg.daemon.policy import PolicyLoop  # noqa: E402
-from bench.replay.run import controlled_cgroup2  # noqa: E402
+from bench.replay.run import controlled_cgroup2, source_commit  # noqa: E402
 
 MB = 1 << 20
 CROSS_MARGIN_BYTES = 2 * MB
@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         breach = asyncio.run(breach_rounds(cgfs, sessions, a.rounds, ruleset))
     finally:
         cgfs.remove_tree("")
-    res = {"params": {**vars(a), "host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count()},
+    res = {"params": {**vars(a), "host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count(),
+                      "commit": source_commit()},
            "tick": ticks, "breach": breach}
     out = Path(a.out) / f"policy_tick{'-' + a.tag if a.tag else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
