@@ -36,7 +36,7 @@ from types import SimpleNamespace
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agentcg.adapters.cgroupfs import CgroupFs  # noqa: E402
+from agentcg.adapters.cgroupfs import CgroupFs, OpenFiles  # noqa: E402
 from agentcg.core.intents import Intent  # noqa: E402
 from agentcg.core.policy import load_ruleset  # noqa: E402
 from agentcg.daemon.policy import PolicyLoop  # noqa: E402
@@ -46,20 +46,11 @@ MB = 1 << 20
 CROSS_MARGIN_BYTES = 2 * MB
 
 
-class ByPath:
-    """OpenFiles' surface, reading by path every time (the variant to compare)."""
+class ByPath(OpenFiles):
+    """OpenFiles that opens, reads and closes the file every time (the variant to compare)."""
 
-    def __init__(self, cgfs: CgroupFs):
-        self.read = cgfs.read
-
-    def forget(self, rel: str) -> None:
-        pass
-
-    def keep_only(self, rels: set[str]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    def read(self, rel: str, name: str) -> str | None:
+        return self.cgfs.read(rel, name)
 
 
 def pct(xs: list[float], q: float) -> float | None:
