@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from agentcg.worker.rope import inv_frequencies
 from agentcg.worker.shapes import ModelShape, get_shape, shape_from_hf_config
 
 Progress = Callable[[str], None] | None
@@ -144,8 +145,8 @@ class Llama:
         if self._cos is None or self._cos.shape[0] < max_pos:
             n = max(max_pos, 4096)
             hd = self.shape.head_dim
-            inv = 1.0 / (self.shape.rope_theta ** (torch.arange(0, hd, 2, device=self.device,
-                                                                 dtype=torch.float64) / hd))
+            inv = torch.tensor(inv_frequencies(hd, self.shape.rope_theta, self.shape.rope_scaling),
+                               device=self.device, dtype=torch.float64)
             f = torch.outer(torch.arange(n, device=self.device, dtype=torch.float64), inv)
             emb = torch.cat([f, f], dim=-1)                       # [n, D]
             self._cos, self._sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
