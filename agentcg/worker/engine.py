@@ -65,6 +65,16 @@ class TokenEvent:
     finish_reason: str | None           # "stop" | "length" | "abort"
 
 
+def end_tokens(model_eos_ids: tuple[int, ...], tokenizer_eos_id: int | None) -> tuple[int, ...]:
+    """Every token that ends a generation: the model's end tokens (a checkpoint
+    may list several, e.g. end of text and end of turn) and the tokenizer's
+    EOS, which chat checkpoints sometimes set to the end-of-turn token only."""
+    ids = list(model_eos_ids)
+    if tokenizer_eos_id is not None and tokenizer_eos_id not in ids:
+        ids.append(tokenizer_eos_id)
+    return tuple(ids)
+
+
 class EngineError(ValueError):
     """A request or control call the engine cannot accept; the message says why."""
 
@@ -88,6 +98,7 @@ class Engine:
         self.model_name = shape.name if shape.name else cfg.model
         self.tokenizer = load_tokenizer(None if cfg.model == shape.name else cfg.model,
                                         shape.eos_token_id, shape.bos_token_id)
+        self.stop_token_ids = end_tokens(shape.eos_token_ids, self.tokenizer.eos_token_id)
         say(f"model ready: {shape.param_count() / 1e9:.2f}B parameters in {time.monotonic() - t0:.1f}s")
         block_bytes = shape.kv_bytes_per_token(self.model.w["emb"].element_size()) * cfg.block_size
         gpu_blocks = cfg.gpu_blocks
@@ -246,7 +257,7 @@ class Engine:
             seq = items[i][0]
             seq.tokens.append(tok)
             reason = None
-            if tok in seq.stop_token_ids or tok == self.tokenizer.eos_token_id:
+            if tok in seq.stop_token_ids or tok in self.stop_token_ids:
                 reason = "stop"
             elif seq.generated >= seq.max_tokens:
                 reason = "length"

@@ -306,7 +306,7 @@ def create_app(aeng: AsyncEngine, *, model_name: str | None = None, control=None
     served = model_name or str(getattr(engine, "model_name", "model"))
     max_model_len = _engine_max_len(engine)
     vocab_size = _vocab_size(engine)
-    eos = getattr(tokenizer, "eos_token_id", None)
+    end_ids = _end_token_ids(engine)
     created = int(time.time())
 
     from contextlib import asynccontextmanager
@@ -363,7 +363,7 @@ def create_app(aeng: AsyncEngine, *, model_name: str | None = None, control=None
             max_tokens=sp["max_tokens"],
             session_id=session,
             temperature=sp["temperature"],
-            stop_token_ids=(eos,) if eos is not None else (),
+            stop_token_ids=end_ids,
         )
         try:
             return await aeng.submit(req)
@@ -378,7 +378,7 @@ def create_app(aeng: AsyncEngine, *, model_name: str | None = None, control=None
         async for ev in rs:
             tid = ev.token_id
             delta = ""
-            stop_token = ev.finished and ev.finish_reason == "stop" and tid == eos
+            stop_token = ev.finished and ev.finish_reason == "stop" and tid in end_ids
             if tid is not None and tid >= 0:
                 n += 1
                 if not stop_token:
@@ -527,6 +527,15 @@ def _engine_max_len(engine: Any) -> int | None:
         if isinstance(v, int) and v > 0:
             return v
     return None
+
+
+def _end_token_ids(engine: Any) -> tuple[int, ...]:
+    """The tokens that end an answer (not text): the engine's, else the tokenizer's EOS."""
+    ids = getattr(engine, "stop_token_ids", None)
+    if ids is not None:
+        return tuple(ids)
+    eos = getattr(engine.tokenizer, "eos_token_id", None)
+    return (eos,) if eos is not None else ()
 
 
 def _vocab_size(engine: Any) -> int | None:

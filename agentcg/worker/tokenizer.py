@@ -22,12 +22,17 @@ def _render_chat(messages: list[dict], header: str, end: str) -> str:
 
 
 class ByteTokenizer:
-    """UTF-8 bytes are tokens 0..255; 256 = BOS, 257 = EOS, 258 = PAD."""
+    """UTF-8 bytes are tokens 0..255; 256 = BOS, 257 = EOS, 258 = PAD.
 
-    bos_token_id = 256
-    eos_token_id = 257
+    A checkpoint without tokenizer.json passes its own BOS/EOS ids (or None):
+    the model was trained to end on those, not on 257."""
+
     pad_token_id = 258
     vocab_size = 259
+
+    def __init__(self, eos_token_id: int | None = 257, bos_token_id: int | None = 256) -> None:
+        self.eos_token_id = eos_token_id
+        self.bos_token_id = bos_token_id
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = list(text.encode("utf-8"))
@@ -79,6 +84,8 @@ class HFTokenizer:
 
 def load_tokenizer(directory: Path | None, eos_token_id: int | None = None,
                    bos_token_id: int | None = None):
-    if directory is not None and (Path(directory) / "tokenizer.json").exists():
+    if directory is None:
+        return ByteTokenizer()
+    if (Path(directory) / "tokenizer.json").exists():
         return HFTokenizer(Path(directory), eos_token_id, bos_token_id)
-    return ByteTokenizer()
+    return ByteTokenizer(eos_token_id, bos_token_id)

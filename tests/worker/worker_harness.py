@@ -33,10 +33,9 @@ def direct_generate(engine: Engine, prompt_ids: list[int], max_tokens: int,
                     session_id: str | None = None) -> tuple[list[int], str]:
     """Greedy generation straight on an Engine: (token ids, finish reason)."""
     rid = f"direct-{time.monotonic_ns()}"
-    eos = engine.tokenizer.eos_token_id
     engine.add_request(Request(request_id=rid, prompt_token_ids=list(prompt_ids), max_tokens=max_tokens,
                                session_id=session_id, temperature=0.0,
-                               stop_token_ids=(eos,) if eos is not None else ()))
+                               stop_token_ids=engine.stop_token_ids))
     out: list[int] = []
     while True:
         for ev in engine.step():
@@ -52,8 +51,7 @@ def direct_generate(engine: Engine, prompt_ids: list[int], max_tokens: int,
 
 def answer_text(engine: Engine, ids: list[int], reason: str) -> str:
     """What the API should answer for these generated ids (the final EOS is not text)."""
-    eos = engine.tokenizer.eos_token_id
-    if reason == "stop" and ids and ids[-1] == eos:
+    if reason == "stop" and ids and ids[-1] in engine.stop_token_ids:
         ids = ids[:-1]
     return engine.tokenizer.decode(ids)
 
