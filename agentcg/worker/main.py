@@ -18,6 +18,8 @@ import time
 
 import click
 
+from agentcg.worker.prompts import MAX_PROMPT_BYTES  # stdlib only: --help stays fast
+
 
 DEFAULT_CONTROL_SOCKET = "/run/agentcg/worker.sock"
 
@@ -85,11 +87,14 @@ def _blocks_option(ctx, param, value):
 @click.option("--api-key", envvar="AGENTCG_WORKER_API_KEY", default=None, metavar="KEY",
               help="Require 'Authorization: Bearer KEY' on /v1 and /agentcg routes "
                    "(also from $AGENTCG_WORKER_API_KEY).")
+@click.option("--max-prompt-bytes", type=click.IntRange(min=1), default=MAX_PROMPT_BYTES, show_default=True,
+              help="Most UTF-8 bytes of prompt text (all message contents of a chat) per request; a larger "
+                   "prompt is refused with 413 before it is tokenised.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 @click.option("--quiet", is_flag=True, help="No loading progress lines.")
 def main(model, device, dtype, host, port, control_socket, control_socket_mode, block_size, gpu_blocks,
-         host_blocks, max_batch, seed, served_model_name, api_key, log_level, quiet):
+         host_blocks, max_batch, seed, served_model_name, api_key, max_prompt_bytes, log_level, quiet):
     """Serve a model with an OpenAI-compatible API and a KV-cache control socket.
 
     \b
@@ -149,7 +154,7 @@ def main(model, device, dtype, host, port, control_socket, control_socket_mode, 
 
     aeng = AsyncEngine(engine).start()
     control = ControlServer(aeng, control_socket, mode=socket_mode) if control_socket else None
-    app = create_app(aeng, model_name=served_model_name, api_key=api_key)
+    app = create_app(aeng, model_name=served_model_name, api_key=api_key, max_prompt_bytes=max_prompt_bytes)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
                             timeout_graceful_shutdown=5, lifespan="on")
     server = _Server(config)

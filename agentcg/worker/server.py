@@ -15,6 +15,7 @@ which frees its KV blocks.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -27,6 +28,9 @@ from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from agentcg.worker.async_engine import AsyncEngine, EngineClosed, RequestStream
+from agentcg.worker.prompts import (MAX_PROMPT_BYTES, ApiError, _short, chat_prompt_ids,  # noqa: F401
+                                    check_prompt_bytes, encode_text, messages_bytes, parse_messages,
+                                    parse_prompt, completion_prompt_ids, prompt_input)
 
 log = logging.getLogger("agentcg.worker")
 
@@ -36,29 +40,11 @@ MAX_BODY_BYTES = 32 * 1024 * 1024
 MAX_STOP_STRINGS = 4
 DEFAULT_COMPLETION_MAX_TOKENS = 16      # OpenAI's default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 1024          # when the model's context length is unknown
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # Fields this worker does not implement, with the values that mean "off".
 UNSUPPORTED_FIELDS = {
     "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,), "logit_bias": ({},),
     "best_of": (1,), "seed": (), "suffix": ("",), "tools": ([],), "response_format": ({"type": "text"},),
 }
-
-
-class ApiError(Exception):
-    """An error answered with an OpenAI-style body."""
-
-    def __init__(self, message: str, *, param: str | None = None, status: int = 400,
-                 type_: str = "invalid_request_error", code: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.status = status
-        self.type = type_
-        self.code = code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type,
-                          "param": self.param, "code": self.code}}
 
 
 # ---------------------------------------------------------------------------
@@ -73,11 +59,6 @@ def _field(body: dict, name: str, types: tuple, default: Any, what: str) -> Any:
     if not isinstance(v, types):
         raise ApiError(f"{name}: expected {what}, got {type(v).__name__} {_short(v)}", param=name)
     return v
-
-
-def _short(v: Any, limit: int = 60) -> str:
-    r = repr(v)
-    return r if len(r) <= limit else r[:limit] + "..."
 
 
 def _require_unsupported(body: dict, name: str, ok: Any, why: str) -> None:
@@ -144,70 +125,6 @@ def parse_sampling(body: dict, *, chat: bool, prompt_len: int, max_model_len: in
             raise ApiError(f"{name}: not supported by this worker (got {_short(v)})", param=name)
     return {"max_tokens": max_tokens, "temperature": temperature, "stop": stops,
             "stream": stream, "include_usage": include_usage}
-
-
-def _message_text(i: int, msg: Any) -> dict:
-    if not isinstance(msg, dict):
-        raise ApiError(f"messages[{i}]: expected an object, got {_short(msg)}", param=f"messages[{i}]")
-    role = msg.get("role")
-    if role not in CHAT_ROLES:
-        raise ApiError(f"messages[{i}].role: expected one of {', '.join(CHAT_ROLES)}, got {role!r}",
-                       param=f"messages[{i}].role")
-    content = msg.get("content")
-    if content is None:
-        content = ""
-    elif isinstance(content, list):
-        parts = []
-        for j, part in enumerate(content):
-            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                parts.append(part["text"])
-            else:
-                raise ApiError(f"messages[{i}].content[{j}]: only text parts are supported, got {_short(part)}",
-                               param=f"messages[{i}].content")
-        content = "".join(parts)
-    elif not isinstance(content, str):
-        raise ApiError(f"messages[{i}].content: expected a string or a list of text parts, "
-                       f"got {_short(content)}", param=f"messages[{i}].content")
-    return {"role": "system" if role == "developer" else role, "content": content}
-
-
-def parse_messages(body: dict) -> list[dict]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise ApiError(f"messages: expected a non-empty list of messages, got {_short(msgs)}",
-                       param="messages")
-    return [_message_text(i, m) for i, m in enumerate(msgs)]
-
-
-def encode_text(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of a prompt text, starting with the model's BOS token when it has one."""
-    if getattr(tokenizer, "bos_token_id", None) is not None:
-        try:
-            return list(tokenizer.encode(text, add_bos=True))
-        except TypeError:
-            pass
-    return list(tokenizer.encode(text))
-
-
-def parse_prompt(body: dict, tokenizer: Any, vocab_size: int | None) -> list[int]:
-    p = body.get("prompt")
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-        p = p[0]                              # a batch of one
-    if isinstance(p, str):
-        ids = encode_text(tokenizer, p)
-    elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-        ids = list(p)
-        bad = [t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
-        if bad:
-            raise ApiError(f"prompt: token id {bad[0]} is outside the vocabulary of {vocab_size}", param="prompt")
-    elif isinstance(p, list) and len(p) > 1:
-        raise ApiError(f"prompt: a batch of {len(p)} prompts is not supported; send one request per prompt",
-                       param="prompt")
-    else:
-        raise ApiError(f"prompt: expected a string or a list of token ids, got {_short(p)}", param="prompt")
-    if not ids:
-        raise ApiError("prompt: encodes to no tokens", param="prompt")
-    return ids
 
 
 def session_from_headers(headers: Any) -> str | None:
@@ -295,11 +212,13 @@ def _sse(obj: dict) -> str:
 
 
 def create_app(aeng: AsyncEngine, *, model_name: str | None = None, control=None,
-               api_key: str | None = None) -> FastAPI:
+               api_key: str | None = None, max_prompt_bytes: int | None = MAX_PROMPT_BYTES) -> FastAPI:
     """The FastAPI app around a started AsyncEngine.
 
     control: an optional object with async start()/close() (the control socket
-    server), run for the lifetime of the app.
+    server), run for the lifetime of the app. max_prompt_bytes: the most UTF-8
+    bytes of prompt text (or of all chat message contents) a request may
+    carry; None for no limit but the body's.
     """
     engine = aeng.engine
     tokenizer = engine.tokenizer
@@ -339,11 +258,18 @@ def create_app(aeng: AsyncEngine, *, model_name: str | None = None, control=None
         return await call_next(req)
 
     async def read_body(req: HttpRequest) -> dict:
-        raw = await req.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise ApiError(f"request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}", status=413)
+        declared = req.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise ApiError(f"request body is {declared} bytes; the limit is {MAX_BODY_BYTES} bytes",
+                           status=413, code="request_too_large")
+        raw = bytearray()
+        async for piece in req.stream():          # a chunked body has no Content-Length
+            raw += piece
+            if len(raw) > MAX_BODY_BYTES:
+                raise ApiError(f"request body is over the limit of {MAX_BODY_BYTES} bytes",
+                               status=413, code="request_too_large")
         try:
-            body = json.loads(raw)
+            body = await asyncio.to_thread(json.loads, bytes(raw))   # megabytes of JSON: off the loop
         except ValueError as e:
             raise ApiError(f"request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
@@ -480,8 +406,9 @@ def create_app(aeng: AsyncEngine, *, model_name: str | None = None, control=None
         body = await read_body(req)
         session = session_from_headers(req.headers)
         messages = parse_messages(body)
-        rendered = tokenizer.apply_chat_template(messages)
-        prompt_ids = encode_text(tokenizer, rendered) if isinstance(rendered, str) else list(rendered)
+        check_prompt_bytes(messages_bytes(messages), max_prompt_bytes, "messages")
+        # rendering and tokenising take seconds for megabytes of text: not on the event loop
+        prompt_ids = await asyncio.to_thread(chat_prompt_ids, tokenizer, messages)
         pool_tokens = None
         if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
             pool_tokens = await pool_capacity_tokens()
@@ -493,15 +420,17 @@ def create_app(aeng: AsyncEngine, *, model_name: str | None = None, control=None
     async def completions(req: HttpRequest):
         body = await read_body(req)
         session = session_from_headers(req.headers)
-        prompt_ids = parse_prompt(body, tokenizer, vocab_size)
-        sp = parse_sampling(body, chat=False, prompt_len=len(prompt_ids), max_model_len=max_model_len)
-        return await complete("completion", body, prompt_ids, sp, session)
+        prompt = prompt_input(body, vocab_size, max_prompt_bytes)
+        ids = await asyncio.to_thread(completion_prompt_ids, tokenizer, prompt)
+        sp = parse_sampling(body, chat=False, prompt_len=len(ids), max_model_len=max_model_len)
+        return await complete("completion", body, ids, sp, session)
 
     @app.get("/v1/models")
     async def models():
         card = {"id": served, "object": "model", "created": created, "owned_by": "agentcg"}
         if max_model_len is not None:
             card["max_model_len"] = max_model_len
+        card["chat_template"] = getattr(tokenizer, "chat_template_name", "builtin")
         return {"object": "list", "data": [card]}
 
     @app.get("/health")

@@ -1,12 +1,17 @@
 """Tokenizers: a checkpoint's tokenizer.json through `tokenizers`, or bytes.
 
 Both offer encode(str) -> list[int], decode(list[int]) -> str, eos_token_id,
-bos_token_id, vocab_size and apply_chat_template(messages) -> str.
+bos_token_id, vocab_size, apply_chat_template(messages) -> str and
+chat_template_name. A checkpoint's own chat template (chat_template.py), when
+it has one, is set as `chat_template` and renders the chat; otherwise a
+built-in format does.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from agentcg.worker.chat_template import ChatTemplate, load_chat_template
 
 
 def _render_chat(messages: list[dict], header: str, end: str) -> str:
@@ -19,6 +24,11 @@ def _render_chat(messages: list[dict], header: str, end: str) -> str:
         parts.append(header.format(role=role) + str(content) + end)
     parts.append(header.format(role="assistant"))
     return "".join(parts)
+
+
+def _template_name(template: ChatTemplate | None, builtin: str) -> str:
+    """What /v1/models reports: "checkpoint:<file>" or "builtin:<format>"."""
+    return f"checkpoint:{template.source}" if template is not None else f"builtin:{builtin}"
 
 
 class ByteTokenizer:
@@ -41,7 +51,15 @@ class ByteTokenizer:
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
+    chat_template: ChatTemplate | None = None
+
+    @property
+    def chat_template_name(self) -> str:
+        return _template_name(self.chat_template, "roles")
+
     def apply_chat_template(self, messages: list[dict]) -> str:
+        if self.chat_template is not None:
+            return self.chat_template.render(messages)
         return _render_chat(messages, "<|{role}|>\n", "\n")
 
 
@@ -76,7 +94,15 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
+    chat_template: ChatTemplate | None = None
+
+    @property
+    def chat_template_name(self) -> str:
+        return _template_name(self.chat_template, "llama3" if self._llama3 else "roles")
+
     def apply_chat_template(self, messages: list[dict]) -> str:
+        if self.chat_template is not None:
+            return self.chat_template.render(messages)
         if self._llama3:
             return _render_chat(messages, "<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>")
         return _render_chat(messages, "<|{role}|>\n", "\n")
@@ -87,5 +113,8 @@ def load_tokenizer(directory: Path | None, eos_token_id: int | None = None,
     if directory is None:
         return ByteTokenizer()
     if (Path(directory) / "tokenizer.json").exists():
-        return HFTokenizer(Path(directory), eos_token_id, bos_token_id)
-    return ByteTokenizer(eos_token_id, bos_token_id)
+        tok: HFTokenizer | ByteTokenizer = HFTokenizer(Path(directory), eos_token_id, bos_token_id)
+    else:
+        tok = ByteTokenizer(eos_token_id, bos_token_id)
+    tok.chat_template = load_chat_template(Path(directory))
+    return tok

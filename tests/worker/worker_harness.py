@@ -59,12 +59,15 @@ def answer_text(engine: Engine, ids: list[int], reason: str) -> str:
 class Served:
     """A started worker: engine thread, HTTP server on a free loopback port, control socket."""
 
-    def __init__(self, tmp: Path, **cfg):
+    def __init__(self, tmp: Path, tokenizer=None, app_kw: dict | None = None, **cfg):
+        """tokenizer: replaces the engine's (a test seam); app_kw: more create_app arguments."""
         self.engine = Engine(engine_config(**cfg))
+        if tokenizer is not None:
+            self.engine.tokenizer = tokenizer
         self.aeng = AsyncEngine(self.engine).start()
         self.socket_path = tmp / "worker.sock"
         self.control = ControlServer(self.aeng, self.socket_path)
-        self.app = create_app(self.aeng, control=self.control)
+        self.app = create_app(self.aeng, control=self.control, **(app_kw or {}))
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
         self.port = s.getsockname()[1]
@@ -91,8 +94,8 @@ class Served:
 
 
 @contextmanager
-def served(tmp: Path, **cfg):
-    srv = Served(tmp, **cfg)
+def served(tmp: Path, **kw):
+    srv = Served(tmp, **kw)
     try:
         yield srv
     finally:
