@@ -91,3 +91,12 @@ def test_from_worker_stats_reads_the_stats_reply():
     p = PlacementInput.from_worker_stats(stats, "s1", expected_duration_s=30.0, priority=3)
     assert (p.kv_bytes, p.tokens, p.pool_free_fraction, p.host_free_bytes) == (32 << 20, 512, 0.1, 50 << 20)
     assert (p.d2h_bytes_per_s, p.h2d_bytes_per_s, p.prefill_tokens_per_s) == (10e9, 20e9, 5000.0)
+
+
+def test_gpu_core_modules_import_no_torch_pynvml_or_io():
+    import subprocess
+    import sys
+    code = ("import sys; import agentcg.core.gpu_budget, agentcg.core.kv_placement, agentcg.core.durations; "
+            "print(sorted(m for m in ('torch', 'pynvml', 'socket', 'ctypes', 'asyncio') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
