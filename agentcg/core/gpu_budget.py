@@ -407,11 +407,11 @@ def _admit(pc: PendingCall, inp: BudgetInput, cfg: GpuConfig, room: _Room) -> De
                                  f"{_fmt(free - need)}", dev_i, need)
     lent = inp.loans.get(pc.call_id, 0)
     if lent:
-        room.free[dev_i] = 0   # what is free now waits for this call
+        room.free[dev_i] = min(0, free)   # what is free now waits for this call
         return Queue(pc.call_id, f"waiting for the {_fmt(lent)} the KV pool gave back to show as free: "
                                  f"needs {_fmt(need)}, {room.note[dev_i]} = {_fmt(free)}")
     pool = inp.pool
-    short = need - max(0, free)
+    short = need - free            # room below zero (reservations, headroom) is made up too
     if pool is None or pool.device_index != dev_i:
         return _no_room(pc, cfg, f"gpu_memory={_fmt(need)} does not fit: {room.note[dev_i]} = {_fmt(free)}, "
                                  f"no KV pool on device {dev_i} to shrink")
@@ -421,7 +421,7 @@ def _admit(pc: PendingCall, inp: BudgetInput, cfg: GpuConfig, room: _Room) -> De
                                  f"the KV pool can give back only {_fmt(room.reclaimable)} of the {_fmt(short)} "
                                  "missing without touching a running request")
     room.reclaimable -= ask
-    room.free[dev_i] = max(0, free) + ask - need   # the rounding's remainder stays free
+    room.free[dev_i] = free + ask - need   # the rounding's remainder stays free
     room.pool_bytes -= ask
     return Shrink(pc.call_id, f"KV pool {_fmt(room.pool_bytes + ask)} -> {_fmt(room.pool_bytes)} for call "
                               f"{pc.call_id}: gpu_memory={_fmt(need)}, {room.note[dev_i]} = {_fmt(free)}; admitted "

@@ -161,3 +161,10 @@ def test_config_table_parses_and_names_bad_keys():
 def test_decisions_serialise_with_their_kind():
     (d,) = plan(BudgetInput(snap(10), pending=(PendingCall("c1", "s1", GiB),)), NO_HEADROOM)
     assert d.to_dict()["kind"] == "admit" and d.to_dict()["nbytes"] == GiB
+
+
+def test_shrink_also_makes_up_room_below_zero():
+    # 1G free but 2G headroom: room is -1G, so a 2G call needs 3G from the pool
+    inp = BudgetInput(snap(1), pool=pool(reclaim_gib=10), pending=(PendingCall("c1", "s1", 2 * GiB),))
+    (d,) = plan(inp, GpuConfig(headroom_bytes=2 * GiB))
+    assert isinstance(d, Shrink) and d.nbytes == 3 * GiB
