@@ -312,8 +312,8 @@ class _Room:
             if inp.pool is not None and inp.pool.device_index == d.index and grows_bytes:
                 taken["taken back by the KV pool"] = grows_bytes
             self.free[d.index] = d.free_bytes - sum(taken.values())
-            self.note[d.index] = f"device {d.index} free {_fmt(d.free_bytes)} less " + \
-                ", ".join(f"{_fmt(v)} {k}" for k, v in taken.items() if v)
+            less = ", ".join(f"{_fmt(v)} {k}" for k, v in taken.items() if v)
+            self.note[d.index] = f"device {d.index} free {_fmt(d.free_bytes)}" + (f" less {less}" if less else "")
         self.reclaimable = self.pool_bytes = 0
         if inp.pool is not None:
             self.reclaimable = inp.pool.reclaimable_bytes + grows_bytes

@@ -27,7 +27,7 @@ def test_call_that_fits_is_admitted_and_free_memory_is_handed_out_once():
     inp = BudgetInput(snap(10), pending=(PendingCall("c1", "s1", 6 * GiB), PendingCall("c2", "s1", 6 * GiB)))
     out = plan(inp, NO_HEADROOM)
     assert isinstance(out[0], Admit) and out[0].nbytes == 6 * GiB
-    assert "10G -> 4G" in out[0].reason
+    assert out[0].reason == "gpu_memory=6G fits: device 0 free 10G = 10G -> 4G"
     # the second one does not fit in the 4G left and there is no pool to shrink
     assert isinstance(out[1], Queue) and "no KV pool" in out[1].reason
 
