@@ -1,5 +1,6 @@
 """The pure policy core: a snapshot in, actions out (see planner.py)."""
-from agentcg.core.policy import rules as _rules  # noqa: F401  (registers the rules)
+# importing the rule modules registers their rules
+from agentcg.core.policy import baselines, cpu, detectors, grants, ladder  # noqa: F401
 from agentcg.core.policy.model import (
     Action, CallView, CgroupView, HostView, MemEvents, PolicyState, Psi, Reason, SessionView,
     Snapshot, TriggerEvent,
