@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from agentcg.adapters.cgroupview import parse_flat_keyed, parse_int, view_from
+from agentcg.core.policy.model import CgroupView
+
 GONE_ERRNOS = (errno.ENOENT, errno.ENODEV)
 # what read_stats and populated read: opened ahead for a spare call cgroup (open_stats)
 # (and cgroup.procs: whether a pid named by the client is inside)
@@ -170,18 +173,6 @@ def mount_of(path: str | Path, proc_mounts: str | Path = "/proc/self/mounts") ->
 
 # -- the subtree ---------------------------------------------------------------
 
-def _parse_flat_keyed(text: str) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            try:
-                out[parts[0]] = int(parts[1])
-            except ValueError:
-                pass
-    return out
-
-
 def _parse_io_stat(text: str) -> tuple[int, int]:
     rbytes = wbytes = 0
     for line in text.splitlines():
@@ -261,16 +252,14 @@ class CgroupFs:
             raise
 
     def read_int(self, rel: str, name: str, fds: dict[str, int] | None = None) -> int | None:
-        text = self.read(rel, name, fds)
-        if text is None:
-            return None
-        text = text.strip()
-        if text == "max":
-            return None
-        try:
-            return int(text)
-        except ValueError:
-            return None
+        """A single-value file as an int; None for "max", absent or not a number."""
+        return parse_int(self.read(rel, name, fds))
+
+    def read_view(self, rel: str) -> CgroupView:
+        """The policy core's view of one cgroup, read by path. Its
+        events_delta is empty: a delta needs the previous reading, which a
+        cgroupview.ViewReader keeps (the policy loop reads through one)."""
+        return view_from(rel, self)
 
     def exists(self, rel: str = "") -> bool:
         return os.path.isdir(self._f(rel))
@@ -295,7 +284,7 @@ class CgroupFs:
 
     def events(self, rel: str, fds: dict[str, int] | None = None) -> dict[str, int] | None:
         text = self.read(rel, "cgroup.events", fds)
-        return None if text is None else _parse_flat_keyed(text)
+        return None if text is None else parse_flat_keyed(text)
 
     def populated(self, rel: str, fds: dict[str, int] | None = None) -> bool | None:
         """True/False, or None when the cgroup is gone."""
@@ -309,7 +298,7 @@ class CgroupFs:
         kernel or controller set does not offer are None. `fds`: see open_stats."""
         stats: dict[str, Any] = {}
         cpu = self.read(rel, "cpu.stat", fds)
-        kv = _parse_flat_keyed(cpu) if cpu is not None else {}
+        kv = parse_flat_keyed(cpu) if cpu is not None else {}
         stats["cpu_usage_usec"] = kv.get("usage_usec")
         stats["cpu_user_usec"] = kv.get("user_usec")
         stats["cpu_system_usec"] = kv.get("system_usec")
@@ -318,10 +307,10 @@ class CgroupFs:
         stats["memory_peak_bytes"] = self.read_int(rel, "memory.peak", fds)
         stats["memory_current_bytes"] = self.read_int(rel, "memory.current", fds)
         mev = self.read(rel, "memory.events", fds)
-        stats["memory_events"] = _parse_flat_keyed(mev) if mev is not None else {}
+        stats["memory_events"] = parse_flat_keyed(mev) if mev is not None else {}
         stats["pids_peak"] = self.read_int(rel, "pids.peak", fds)
         pev = self.read(rel, "pids.events", fds)
-        stats["pids_events_max"] = _parse_flat_keyed(pev).get("max") if pev is not None else None
+        stats["pids_events_max"] = parse_flat_keyed(pev).get("max") if pev is not None else None
         io = self.read(rel, "io.stat", fds)
         if io is not None:
             stats["io_read_bytes"], stats["io_write_bytes"] = _parse_io_stat(io)

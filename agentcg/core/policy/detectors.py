@@ -37,15 +37,8 @@ class PsiPressure(Detector):
         return None
 
     def stall_us(self, ctx: Ctx, cg: CgroupView) -> int:
-        total = cg.psi.some_total_us if self.kind == "some" else cg.psi.full_total_us
-        measured = 0
-        for prev in ctx.state.psi_prev:
-            if prev[0] == cg.path:
-                dt_ns = ctx.now_ns - prev[1]
-                delta = max(0, total - (prev[2] if self.kind == "some" else prev[3]))
-                window_ns = self.window_us * NS_PER_US
-                measured = delta if dt_ns <= window_ns else int(delta * window_ns / dt_ns)
-                break
+        prev = ctx.state.psi_sample(cg.path)
+        measured = 0 if prev is None else prev.stall_us(cg.psi, self.kind, ctx.now_ns, self.window_us * NS_PER_US)
         for trig in cg.triggers:
             if trig.kind == self.kind and trig.window_us <= self.window_us:
                 measured = max(measured, trig.stall_us)

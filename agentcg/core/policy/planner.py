@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from agentcg.core.policy.base import LadderStep, LastResort
 from agentcg.core.policy.context import Ctx
-from agentcg.core.policy.model import Action, PolicyState, Snapshot
+from agentcg.core.policy.model import Action, PolicyState, PsiSample, Snapshot
 from agentcg.core.policy.registry import Ruleset
 
 
@@ -105,8 +105,7 @@ def plan(snapshot: Snapshot, ruleset: Ruleset, state: PolicyState | None = None)
             kill_rule.apply(ctx)  # only its deadlock check can fire here
 
     # remember PSI totals for the next tick's stall measurement
-    prev = [(snapshot.host.cg.path, now, snapshot.host.cg.psi.some_total_us, snapshot.host.cg.psi.full_total_us)]
-    prev += [(s.path, now, s.cg.psi.some_total_us, s.cg.psi.full_total_us) for s in snapshot.sessions]
+    prev = [PsiSample.of(snapshot.host.cg, now)] + [PsiSample.of(s.cg, now) for s in snapshot.sessions]
     live = {c.path for _s, c in snapshot.calls()}
     frozen = tuple(p for p in ctx.st("frozen") if p in live)
     frozen_since = tuple(kv for kv in ctx.st("frozen_since_ns") if kv[0] in live)
