@@ -100,12 +100,14 @@ class CgroupFs:
         return fds
 
     @staticmethod
-    def close_fds(fds: dict[str, int] | None) -> None:
+    def close_fds(fds: dict[str, int | None] | None) -> None:
+        """Close every descriptor of `fds` (None entries: files that were missing)."""
         for fd in (fds or {}).values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def read(self, rel: str, name: str, fds: dict[str, int] | None = None) -> str | None:
         """An interface file's text, or None when it (or the cgroup) is gone.
@@ -426,12 +428,7 @@ class OpenFiles:
 
     def _drop(self, keys: list[str]) -> None:
         for key in keys:
-            for fd in self._fds.pop(key).values():
-                if fd is not None:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
+            CgroupFs.close_fds(self._fds.pop(key))
 
     def open_count(self) -> int:
         return sum(1 for files in self._fds.values() for fd in files.values() if fd is not None)

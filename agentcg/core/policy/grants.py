@@ -53,6 +53,13 @@ def _freed_by_kills(ctx: Ctx) -> int:
     return sum(c.cg.memory_current_bytes for _s, c in ctx.snap.calls() if ctx.killed_planned(c.path))
 
 
+def asks_for_more(call: CallView, high: int | None, near_pct: float) -> bool:
+    """The call is at near_pct of its memory.high (as planned: `high`), or the
+    kernel reported a breach of it since the last tick."""
+    return high is not None and (call.cg.events_delta.high > 0
+                                 or call.cg.memory_current_bytes >= high * near_pct / 100)
+
+
 def available_to(ctx: Ctx, priority: int, limit: int) -> int:
     """Memory a call of `priority` may be promised now: the free budget (less
     what is already promised to its own and higher priorities) and what the
@@ -120,10 +127,6 @@ class BurstBorrow(Action):
     yield_pct: float = 20.0
     min_call_bytes: int = 16 << 20
 
-    def _asking(self, call: CallView, high: int | None) -> bool:
-        return high is not None and (call.cg.events_delta.high > 0
-                                     or call.cg.memory_current_bytes >= high * self.near_pct / 100)
-
     def evaluate(self, ctx: Ctx) -> None:
         host = ctx.snap.host
         budget = host.budget_bytes
@@ -169,7 +172,7 @@ class BurstBorrow(Action):
                            f"{sess.priority}: {fb(max(0, avail))}{floor}"), sess.name)
                 ctx.granted = True
                 continue
-            if not self._asking(call, high):
+            if not asks_for_more(call, high, self.near_pct):
                 continue
             near = high * self.near_pct / 100
             step = max(self.step_min_bytes, int(cur * self.step_pct / 100), int(share), big)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from agentcg.core.policy.base import LadderStep, LastResort
 from agentcg.core.policy.context import Ctx
-from agentcg.core.policy.grants import call_intent
+from agentcg.core.policy.grants import asks_for_more, call_intent
 from agentcg.core.policy.model import CallView, Reason, SessionView, fmt_ms
 from agentcg.core.policy.registry import register
 from agentcg.units import format_bytes as fb
@@ -102,7 +102,7 @@ class Reclaim(LadderStep):
             if sess is not None:
                 ctx.set(sess.cg, "memory.low", old, reason, sess.name)
         back = Reason(self.rule_name, "pressure gone", detail="memory.high given back", op="", threshold="")
-        calls = {c.path: (s, c) for s, c in ctx.snap.calls()}
+        calls = ctx.snap.calls_by_path()
         for path, old in ctx.st("reclaimed"):
             if path in calls:
                 s, c = calls[path]
@@ -138,9 +138,8 @@ class Freeze(LadderStep):
             return False
         low = min(prios)
         for s, c in ctx.snap.calls():
-            high = ctx.value(c.cg, "memory.high")
-            if s.priority > low and not c.cg.frozen and high is not None and (
-                    c.cg.events_delta.high > 0 or c.cg.memory_current_bytes >= high * self.near_pct / 100):
+            if s.priority > low and not c.cg.frozen and asks_for_more(c, ctx.value(c.cg, "memory.high"),
+                                                                      self.near_pct):
                 return True
         return False
 
@@ -167,7 +166,7 @@ class Freeze(LadderStep):
         if budget is not None and host.usage_bytes > budget * self.thaw_below_pct / 100:
             if host.usage_bytes >= budget * self.hold_above_pct / 100 or self._higher_asking(ctx):
                 return False
-        by_path = {c.path: (s, c) for s, c in ctx.snap.calls()}
+        by_path = ctx.snap.calls_by_path()
         reason = Reason(self.rule_name, "pressure gone", op="", threshold="",
                         detail="" if host.budget_bytes is None else
                         f"host {fb(host.usage_bytes)} <= {self.thaw_below_pct:g}% of {fb(host.budget_bytes)}")

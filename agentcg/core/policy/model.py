@@ -230,6 +230,9 @@ class Snapshot:
     def calls(self) -> list[tuple[SessionView, CallView]]:
         return [(s, c) for s in self.sessions for c in s.calls]
 
+    def calls_by_path(self) -> dict[str, tuple[SessionView, CallView]]:
+        return {c.path: (s, c) for s, c in self.calls()}
+
 
 @dataclass(frozen=True)
 class Reason:
