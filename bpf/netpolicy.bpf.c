@@ -15,6 +15,7 @@
  * call's stats. Refusals are counted too; the daemon reports them.
  */
 #include "common.bpf.h"
+#include "counters.bpf.h"
 #include <bpf/bpf_endian.h>
 
 char LICENSE[] SEC("license") = "GPL";
@@ -37,13 +38,6 @@ struct {
 	__type(value, struct agentcg_net_stats);
 } net_stats SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, NR_AGENTCG_CTR);
-	__type(key, __u32);
-	__type(value, __u64);
-} counters SEC(".maps");
-
 static __always_inline __u32 mode_of(__u64 cgid)
 {
 	__u32 *m = bpf_map_lookup_elem(&net_mode, &cgid);
@@ -60,12 +54,9 @@ static __always_inline struct agentcg_net_stats *stats_of(__u64 cgid)
 
 static __always_inline int deny(__u64 cgid)
 {
-	__u32 idx = AGENTCG_CTR_NET_DENIED;
-	__u64 *c = bpf_map_lookup_elem(&counters, &idx);
 	struct agentcg_net_stats *s;
 
-	if (c)
-		*c += 1;
+	count(AGENTCG_CTR_NET_DENIED);
 	s = stats_of(cgid);
 	if (s)
 		__sync_fetch_and_add(&s->denied, 1);

@@ -15,6 +15,7 @@
  * tracker_raw.bpf.o); the loader uses the first that loads.
  */
 #include "common.bpf.h"
+#include "counters.bpf.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -27,13 +28,6 @@ struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, AGENTCG_RINGBUF_BYTES);
 } events SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, NR_AGENTCG_CTR);
-	__type(key, __u32);
-	__type(value, __u64);
-} counters SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -55,14 +49,6 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } runq_start SEC(".maps");
-
-static __always_inline void count(__u32 idx)
-{
-	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
-
-	if (v)
-		*v += 1;
-}
 
 static __always_inline struct agentcg_cg_stats *stats_of(__u64 cgid)
 {

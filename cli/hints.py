@@ -10,9 +10,9 @@ import os
 import re
 from dataclasses import dataclass
 
+from agentcg.core.errors import FieldError
 from agentcg.core.intents import Intent, IntentError
-
-SESSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+from agentcg.core.model import SESSION_NAME_RE
 HINT_ENV = "AGENT_RESOURCE_HINT"
 SESSION_ENV = "AGENTCG_SESSION"
 
@@ -20,13 +20,8 @@ SESSION_ENV = "AGENTCG_SESSION"
 SESSION_ONLY_FIELDS = ("priority",)
 
 
-class HintError(ValueError):
+class HintError(FieldError):
     """A bad hint or option value; the message names the field and the value."""
-
-    def __init__(self, field: str, value: object, why: str):
-        self.field = field
-        self.value = value
-        super().__init__(f"{field}: {value!r} {why}")
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,14 @@ import time
 from typing import Any
 
 from agentcg.adapters.cgroupfs import CgroupFs, OpenFiles
+from agentcg.adapters.cgroupview import ViewReader
 from agentcg.adapters.executor import Applied, Executor
 from agentcg.adapters.procfs import swap_free_bytes
-from agentcg.adapters.psi import PsiUnsupported, SignalWatch, read_psi
+from agentcg.adapters.psi import PsiUnsupported, SignalWatch
 from agentcg.core.policy import (
-    CallView, CgroupView, HostView, MemEvents, PolicyState, Psi, Ruleset, SessionView, Snapshot,
-    TriggerEvent, load_ruleset, plan,
+    CallView, CgroupView, HostView, PolicyState, Ruleset, SessionView, Snapshot, TriggerEvent, plan,
 )
+from agentcg.core.policy import load_ruleset  # noqa: F401  (app.py builds the ruleset through here)
 
 log = logging.getLogger("agentcg.policy")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")  # the unit of memory.{high,max,low}
@@ -32,35 +33,6 @@ IDLE_TICK_S = 1.0  # only for calm-down bookkeeping; pressure and breaches wake 
 # start and end meanwhile share one tick. A tick reads every cgroup of the
 # tree: one per kick would put it on the path of the next request, every call.
 KICK_DELAY_S = 0.025
-
-
-def _int(text: str | None, default: int | None = None) -> int | None:
-    if text is None:
-        return default
-    text = text.strip()
-    if text == "max" or not text:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        return default
-
-
-def _flat(text: str | None) -> dict[str, int]:
-    """A flat-keyed interface file ("key value" lines: memory.events, memory.stat)."""
-    kv = {}
-    for line in (text or "").splitlines():
-        k, _, v = line.partition(" ")
-        try:
-            kv[k] = int(v)
-        except ValueError:
-            pass
-    return kv
-
-
-def _events(text: str | None) -> MemEvents:
-    kv = _flat(text)
-    return MemEvents(kv.get("low", 0), kv.get("high", 0), kv.get("max", 0), kv.get("oom", 0), kv.get("oom_kill", 0))
 
 
 def _pcts(values) -> dict:
@@ -82,12 +54,11 @@ class PolicyLoop:
         self.dry_run = dry_run or ruleset.dry_run
         self.executor = Executor(cgfs)
         # every tick reads the same files of the same cgroups: kept open (one pread each)
-        self.files = OpenFiles(cgfs)
+        self.views = ViewReader(OpenFiles(cgfs))
         self.watch = SignalWatch()
         self.state = PolicyState()
         self.last: collections.deque[Applied] = collections.deque(maxlen=keep_last)
         self.sessions: dict[str, Any] = {}
-        self.prev_events: dict[str, MemEvents] = {}
         self.call_notes: dict[str, list[dict]] = {}
         self.psi_stall_us = psi_stall_us
         self.psi_window_us = psi_window_us
@@ -130,7 +101,7 @@ class PolicyLoop:
         self.watch.unwatch(call.rel)
         self.files.forget(call.rel)
         self.failed = {f for f in self.failed if f[0] != call.rel}
-        self.prev_events.pop(call.rel, None)
+        self.views.forget(call.rel)
         self._tick_soon()  # memory is being given back: pressure may be gone
         notes = self.call_notes.pop(call.rel, [])
         if not notes:
@@ -199,23 +170,18 @@ class PolicyLoop:
         self.watch.close()
         self.files.close()
 
+    @property
+    def files(self) -> OpenFiles:
+        """The kept-open interface files every view is read through."""
+        return self.views.files
+
+    @files.setter
+    def files(self, files: OpenFiles) -> None:
+        self.views.files = files
+
     # -- read, decide, act
-    def _cg(self, rel: str, full: bool = True) -> CgroupView:
-        r = self.files.read
-        cur = _int(r(rel, "memory.current"), 0) or 0
-        if not full:
-            return CgroupView(rel, cur)
-        ev = _events(r(rel, "memory.events"))
-        delta = ev.minus(self.prev_events.get(rel, ev)) if rel in self.prev_events else MemEvents()
-        self.prev_events[rel] = ev
-        psi = read_psi(r(rel, "memory.pressure"))
-        some, fullp = psi.get("some", {}), psi.get("full", {})
-        frozen = (r(rel, "cgroup.freeze") or "0").strip() == "1"
-        return CgroupView(
-            rel, cur, _int(r(rel, "memory.high")), _int(r(rel, "memory.max")), _int(r(rel, "memory.low"), 0) or 0,
-            Psi(some.get("avg10", 0.0), fullp.get("avg10", 0.0), int(some.get("total", 0)), int(fullp.get("total", 0))),
-            tuple(self._pending.pop(rel, [])), delta, frozen,
-            _int(r(rel, "cpu.weight")), (r(rel, "cpu.max") or "").strip() or None)
+    def _cg(self, rel: str) -> CgroupView:
+        return self.views.read_view(rel, self._pending.pop(rel, ()))
 
     def snapshot(self) -> Snapshot:
         host_cg = self._cg("")
@@ -233,25 +199,14 @@ class PolicyLoop:
                                       intent_memory_max_bytes=c.intent.memory_max_bytes,
                                       cpu_class=c.intent.cpu_class, blocking=True, cmd=cmd))
             sessions.append(SessionView(
-                s.name, self._cg(s.rel), s.intent.priority or 0, self._cg(f"{s.rel}/agent", full=False),
+                s.name, self._cg(s.rel), s.intent.priority or 0, self.views.read_usage(f"{s.rel}/agent"),
                 tuple(calls), s.intent.memory_bytes, s.intent.memory_max_bytes, s.intent.cpu_class))
         budget = host_cg.memory_max_bytes
         self.files.keep_only(live)
-        inactive = _flat(self.files.read("", "memory.stat")).get("inactive_file", 0) if budget is not None else 0
-        return Snapshot(time.monotonic_ns(), HostView(host_cg, budget, self._swap(), inactive, PAGE_BYTES),
+        inactive = self.views.inactive_file_bytes() if budget is not None else 0
+        swap = self.views.swap_room_bytes(swap_free_bytes())
+        return Snapshot(time.monotonic_ns(), HostView(host_cg, budget, swap, inactive, PAGE_BYTES),
                         tuple(sessions), self.state)
-
-    def _swap(self) -> int:
-        """Swap the tree can use: the host's free swap, within the root's
-        memory.swap.max (absent without swap accounting: the host's)."""
-        free = swap_free_bytes()
-        if free == 0:
-            return 0
-        cap = self.files.read("", "memory.swap.max")
-        if cap is None:
-            return free
-        limit = _int(cap)
-        return free if limit is None else min(free, max(0, limit - (_int(self.files.read("", "memory.swap.current"), 0) or 0)))
 
     def tick(self, signals) -> list[Applied]:
         t0 = time.monotonic_ns()

@@ -19,19 +19,18 @@ from typing import Any, AsyncIterator
 
 from agentcg import protocol as p
 from agentcg.adapters.cgroupfs import CgroupFs, CgroupGone, pid_cgroup
-from agentcg.adapters.procfs import read_oom_score_adj, set_oom_score_adj
+from agentcg.adapters.procfs import proc_status, read_oom_score_adj, set_oom_score_adj
 from agentcg.core.config import Config
 from agentcg.core.feedback import feedback
 from agentcg.core.intents import (BudgetError, Intent, IntentError, call_limits,
                                   session_limits, with_grant_priority)
-from agentcg.core.model import CallStats, Limits
+from agentcg.core.model import SESSION_NAME_RE, CallStats, Limits
 
 from .hooks import Hooks
 from .state import CallRecord, Journal, SessionRecord, load_state, state_json, write_atomic
 
 log = logging.getLogger("agentcg.daemon")
 
-SESSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 CALL_DIR_RE = re.compile(r"^c-(\d+)$")
 PLACEMENTS = ("pid", "clone_into")
 # call cgroups made ahead per session, after a reply (cgroup2 cannot rename a
@@ -51,19 +50,6 @@ class Peer:
     @property
     def root(self) -> bool:
         return self.uid == 0
-
-
-def proc_status(pid: int) -> dict[str, str] | None:
-    """/proc/<pid>/status as a dict, or None if the process is gone."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    out = {}
-    for line in text.splitlines():
-        k, _, v = line.partition(":")
-        out[k] = v.strip()
-    return out
 
 
 def check_pid(pid: Any, peer: Peer, *, child_only: bool, own_pid: int) -> None:

@@ -7,8 +7,8 @@ relative to that root ("s-build/c-3"). A cgroup that vanished under us
 done, writes raise `CgroupGone`. Every limit change is logged as old -> new
 with its reason.
 
-`detect_hierarchy()` tells a pure cgroup v2 host from a hybrid or v1 one and
-`HierarchyInfo.refusal()` explains how to fix a host that cannot be managed.
+Hierarchy detection (HierarchyInfo, detect_hierarchy, mount_of, pid_cgroup)
+lives in hierarchy.py and is re-exported here for the daemon's imports.
 """
 from __future__ import annotations
 
@@ -17,9 +17,14 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+
+from agentcg.adapters.cgroupview import parse_flat_keyed, parse_int, view_from
+from agentcg.adapters.hierarchy import (  # noqa: F401  (re-exported: callers import them from here)
+    HierarchyInfo, classify, detect_hierarchy, mount_of, parse_mounts, parse_proc_cgroup, pid_cgroup,
+)
+from agentcg.core.policy.model import CgroupView
 
 GONE_ERRNOS = (errno.ENOENT, errno.ENODEV)
 # what read_stats and populated read: opened ahead for a spare call cgroup (open_stats)
@@ -43,144 +48,7 @@ def _gone(exc: OSError) -> bool:
     return exc.errno in GONE_ERRNOS
 
 
-# -- hierarchy detection ------------------------------------------------------
-
-@dataclass(frozen=True)
-class HierarchyInfo:
-    """What this host mounts. kind: "unified" (pure v2), "hybrid" (v2 next to
-    v1 controllers), "legacy" (v1 only) or "none"."""
-
-    kind: str
-    cgroup2_mount: str | None
-    controllers: tuple[str, ...] = ()          # offered by the cgroup2 root
-    v1_controllers: tuple[str, ...] = ()       # bound to v1 hierarchies
-    v1_mounts: dict[str, str] = field(default_factory=dict)
-
-    def missing(self, needed: Iterable[str]) -> list[str]:
-        return [c for c in needed if c not in self.controllers]
-
-    def refusal(self, needed: Iterable[str] = ("cpu", "memory", "pids")) -> str | None:
-        """None when cgroup v2 offers every needed controller, else why not and how to fix it."""
-        needed = list(needed)
-        lacking = self.missing(needed)
-        if self.cgroup2_mount and not lacking:
-            return None
-        fix = ("Fix: boot with 'systemd.unified_cgroup_hierarchy=1 cgroup_no_v1=all' on the kernel "
-               "command line (e.g. add it to GRUB_CMDLINE_LINUX in /etc/default/grub, run update-grub, "
-               "reboot), so that the v1 hierarchies release the controllers to cgroup v2. "
-               "To run without enforcement (testing only), set daemon.require_controllers = false "
-               "and daemon.cgroup_root to a directory under the cgroup2 mount.")
-        if self.kind == "none":
-            return "agentcgd needs cgroup v2, but no cgroup2 filesystem is mounted. " + fix
-        held = [c for c in lacking if c in self.v1_controllers]
-        where = ", ".join(f"{c} at {self.v1_mounts.get(c, '?')}" for c in held)
-        head = (f"agentcgd needs cgroup v2 with the controllers {', '.join(needed)}, but this host's "
-                f"hierarchy is {self.kind}: cgroup2 at {self.cgroup2_mount or '(not mounted)'} offers "
-                f"[{' '.join(self.controllers)}] and lacks {', '.join(lacking)}")
-        if held:
-            head += f" (bound to cgroup v1: {where})"
-        return head + ". " + fix
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "cgroup2_mount": self.cgroup2_mount,
-                "controllers": list(self.controllers), "v1_controllers": list(self.v1_controllers)}
-
-
-def parse_mounts(text: str) -> tuple[str | None, dict[str, str]]:
-    """/proc/self/mounts text -> (cgroup2 mount point or None, {v1 controller: mount})."""
-    v2_points: list[str] = []
-    v1: dict[str, str] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) < 4:
-            continue
-        point, fstype, opts = parts[1], parts[2], parts[3].split(",")
-        if fstype == "cgroup2":
-            v2_points.append(point)
-        elif fstype == "cgroup":
-            for opt in opts:
-                if opt in ("cpu", "cpuacct", "memory", "pids", "blkio", "io", "cpuset", "freezer",
-                           "devices", "hugetlb", "net_cls", "net_prio", "perf_event", "rdma", "misc"):
-                    v1[opt] = point
-    mount = "/sys/fs/cgroup" if "/sys/fs/cgroup" in v2_points else (v2_points[0] if v2_points else None)
-    return mount, v1
-
-
-def classify(mount: str | None, v1: dict[str, str], controllers: Iterable[str]) -> HierarchyInfo:
-    ctrl = tuple(sorted(controllers))
-    # blkio on v1 is the io controller of v2
-    v1_names = tuple(sorted({"io" if c == "blkio" else c for c in v1}))
-    v1_mounts = {("io" if c == "blkio" else c): p for c, p in v1.items()}
-    if mount is None:
-        kind = "legacy" if v1 else "none"
-    elif v1:
-        kind = "hybrid"
-    else:
-        kind = "unified"
-    return HierarchyInfo(kind=kind, cgroup2_mount=mount, controllers=ctrl,
-                         v1_controllers=v1_names, v1_mounts=v1_mounts)
-
-
-def detect_hierarchy(proc_mounts: str | Path = "/proc/self/mounts") -> HierarchyInfo:
-    text = Path(proc_mounts).read_text()
-    mount, v1 = parse_mounts(text)
-    controllers: list[str] = []
-    if mount is not None:
-        try:
-            controllers = Path(mount, "cgroup.controllers").read_text().split()
-        except OSError:
-            controllers = []
-    return classify(mount, v1, controllers)
-
-
-def parse_proc_cgroup(text: str) -> str | None:
-    """/proc/<pid>/cgroup text -> the cgroup v2 path ("0::/x/y" -> "/x/y")."""
-    for line in text.splitlines():
-        if line.startswith("0::"):
-            return line[3:].strip() or "/"
-    return None
-
-
-def pid_cgroup(pid: int | str = "self") -> str | None:
-    try:
-        fd = os.open(f"/proc/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        return parse_proc_cgroup(os.read(fd, 65536).decode())
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def mount_of(path: str | Path, proc_mounts: str | Path = "/proc/self/mounts") -> str | None:
-    """The cgroup2 mount point that contains `path`, or None."""
-    p = os.path.abspath(str(path))
-    best = None
-    for line in Path(proc_mounts).read_text().splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[2] == "cgroup2":
-            point = parts[1].rstrip("/") or "/"
-            if p == point or p.startswith(point + "/"):
-                if best is None or len(point) > len(best):
-                    best = point
-    return best
-
-
 # -- the subtree ---------------------------------------------------------------
-
-def _parse_flat_keyed(text: str) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            try:
-                out[parts[0]] = int(parts[1])
-            except ValueError:
-                pass
-    return out
-
 
 def _parse_io_stat(text: str) -> tuple[int, int]:
     rbytes = wbytes = 0
@@ -232,12 +100,14 @@ class CgroupFs:
         return fds
 
     @staticmethod
-    def close_fds(fds: dict[str, int] | None) -> None:
+    def close_fds(fds: dict[str, int | None] | None) -> None:
+        """Close every descriptor of `fds` (None entries: files that were missing)."""
         for fd in (fds or {}).values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def read(self, rel: str, name: str, fds: dict[str, int] | None = None) -> str | None:
         """An interface file's text, or None when it (or the cgroup) is gone.
@@ -261,16 +131,14 @@ class CgroupFs:
             raise
 
     def read_int(self, rel: str, name: str, fds: dict[str, int] | None = None) -> int | None:
-        text = self.read(rel, name, fds)
-        if text is None:
-            return None
-        text = text.strip()
-        if text == "max":
-            return None
-        try:
-            return int(text)
-        except ValueError:
-            return None
+        """A single-value file as an int; None for "max", absent or not a number."""
+        return parse_int(self.read(rel, name, fds))
+
+    def read_view(self, rel: str) -> CgroupView:
+        """The policy core's view of one cgroup, read by path. Its
+        events_delta is empty: a delta needs the previous reading, which a
+        cgroupview.ViewReader keeps (the policy loop reads through one)."""
+        return view_from(rel, self)
 
     def exists(self, rel: str = "") -> bool:
         return os.path.isdir(self._f(rel))
@@ -295,7 +163,7 @@ class CgroupFs:
 
     def events(self, rel: str, fds: dict[str, int] | None = None) -> dict[str, int] | None:
         text = self.read(rel, "cgroup.events", fds)
-        return None if text is None else _parse_flat_keyed(text)
+        return None if text is None else parse_flat_keyed(text)
 
     def populated(self, rel: str, fds: dict[str, int] | None = None) -> bool | None:
         """True/False, or None when the cgroup is gone."""
@@ -309,7 +177,7 @@ class CgroupFs:
         kernel or controller set does not offer are None. `fds`: see open_stats."""
         stats: dict[str, Any] = {}
         cpu = self.read(rel, "cpu.stat", fds)
-        kv = _parse_flat_keyed(cpu) if cpu is not None else {}
+        kv = parse_flat_keyed(cpu) if cpu is not None else {}
         stats["cpu_usage_usec"] = kv.get("usage_usec")
         stats["cpu_user_usec"] = kv.get("user_usec")
         stats["cpu_system_usec"] = kv.get("system_usec")
@@ -318,10 +186,10 @@ class CgroupFs:
         stats["memory_peak_bytes"] = self.read_int(rel, "memory.peak", fds)
         stats["memory_current_bytes"] = self.read_int(rel, "memory.current", fds)
         mev = self.read(rel, "memory.events", fds)
-        stats["memory_events"] = _parse_flat_keyed(mev) if mev is not None else {}
+        stats["memory_events"] = parse_flat_keyed(mev) if mev is not None else {}
         stats["pids_peak"] = self.read_int(rel, "pids.peak", fds)
         pev = self.read(rel, "pids.events", fds)
-        stats["pids_events_max"] = _parse_flat_keyed(pev).get("max") if pev is not None else None
+        stats["pids_events_max"] = parse_flat_keyed(pev).get("max") if pev is not None else None
         io = self.read(rel, "io.stat", fds)
         if io is not None:
             stats["io_read_bytes"], stats["io_write_bytes"] = _parse_io_stat(io)
@@ -560,12 +428,7 @@ class OpenFiles:
 
     def _drop(self, keys: list[str]) -> None:
         for key in keys:
-            for fd in self._fds.pop(key).values():
-                if fd is not None:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
+            CgroupFs.close_fds(self._fds.pop(key))
 
     def open_count(self) -> int:
         return sum(1 for files in self._fds.values() for fd in files.values() if fd is not None)

@@ -6,12 +6,11 @@ call ended) is reported as "gone", not raised.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import time
 from dataclasses import dataclass
 
-from agentcg.adapters.cgroupfs import CgroupFs, CgroupGone
+from agentcg.adapters.cgroupfs import GONE_ERRNOS, CgroupFs, CgroupGone
 from agentcg.core.policy.model import Action
 
 log = logging.getLogger("agentcg.policy")
@@ -66,7 +65,7 @@ class Executor:
         except CgroupGone:
             outcome = "gone"
         except OSError as exc:
-            outcome = "gone" if exc.errno in (errno.ENOENT, errno.ENODEV) else f"failed: {exc.strerror}"
+            outcome = "gone" if exc.errno in GONE_ERRNOS else f"failed: {exc.strerror}"
         applied = Applied(action, outcome, time.monotonic_ns())
         log.info("%s", applied.line())
         return applied

@@ -1,4 +1,6 @@
-"""The only code that writes /proc/<pid>/ files: the OOM killer's preference.
+"""The only code that reads or writes /proc: the OOM killer's preference
+(oom_score_adj), a process's status and cgroup, the mount table, and the
+host's free swap.
 
 The kernel's OOM killer (also the per-cgroup one that runs when a memory.max
 is reached) kills the task with the largest badness: its resident memory
@@ -54,6 +56,40 @@ def read_oom_score_adj(pid: int, *, proc: str = "/proc") -> int | None:
             return int(f.read().strip())
     except (OSError, ValueError):
         return None
+
+
+def proc_status(pid: int, *, proc: str = "/proc") -> dict[str, str] | None:
+    """/proc/<pid>/status as a dict, or None if the process is gone."""
+    try:
+        with open(f"{proc}/{pid}/status") as f:
+            text = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    out = {}
+    for line in text.splitlines():
+        k, _, v = line.partition(":")
+        out[k] = v.strip()
+    return out
+
+
+def pid_cgroup_text(pid: int | str = "self", *, proc: str = "/proc") -> str | None:
+    """/proc/<pid>/cgroup text, or None when the process is gone."""
+    try:
+        fd = os.open(f"{proc}/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 65536).decode()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def mounts_text(path: str = "/proc/self/mounts") -> str:
+    """The mount table (/proc/self/mounts, or a copy of it at `path`)."""
+    with open(path) as f:
+        return f.read()
 
 
 def swap_free_bytes(*, proc: str = "/proc") -> int:

@@ -14,8 +14,10 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from agentcg.core.errors import FieldError
 from agentcg.core.intents import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, Intent, IntentError
 from agentcg.core.model import Grant
+from agentcg.core.policy import PolicyConfigError, Ruleset, default_ruleset, load_ruleset
 from agentcg.units import UnitError, parse_bytes
 
 DEFAULT_CONFIG_PATH = "/etc/agentcg/agentcg.toml"
@@ -26,13 +28,12 @@ DEFAULT_CONTROLLERS = ("cpu", "memory", "pids", "io")
 STRAGGLER_POLICIES = ("kill", "keep")
 
 
-class ConfigError(ValueError):
-    """A bad configuration key or value; the message names both."""
+class ConfigError(FieldError):
+    """A bad configuration key or value; the message names both. `key` is the field."""
 
-    def __init__(self, key: str, value: Any, why: str):
-        self.key = key
-        self.value = value
-        super().__init__(f"{key}: {value!r} {why}")
+    @property
+    def key(self) -> str:
+        return self.field
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,8 @@ class Config:
     default_grant: Grant = field(default_factory=Grant)
     root_grant: Grant = field(default_factory=lambda: Grant(max_priority=PRIORITY_MAX))
     grants: Mapping[int, Grant] = field(default_factory=dict)
-    policy: Mapping[str, Any] | None = None  # the [policy] table; parsed by agentcg.core.policy.load_ruleset
+    policy: Mapping[str, Any] | None = None  # the [policy] table as written (shown by status)
+    ruleset: Ruleset = field(default_factory=default_ruleset)  # that table, parsed once at load
     bpf: BpfConfig = field(default_factory=BpfConfig)
     auto_rules: tuple = ()  # [[auto_rules]]: automatic mode's command -> intent rules (core.rules_match)
 
@@ -176,9 +178,12 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     if "default" in grants_tbl:
         grants = {uid: _grant(grants_tbl[str(uid)], f"grants.{uid}", default_grant)
                   for uid in grants}
+    policy = data.get("policy")
+    ruleset = _ruleset(policy)  # first: it rejects a [policy] that is not a table
     return Config(daemon=daemon, session_defaults=session_defaults, call_defaults=call_defaults,
                   default_grant=default_grant, root_grant=root_grant, grants=grants,
-                  policy=_policy(data.get("policy")), bpf=_bpf(data.get("bpf", {})),
+                  policy=None if policy is None else dict(policy), ruleset=ruleset,
+                  bpf=_bpf(data.get("bpf", {})),
                   auto_rules=_auto_rules(data.get("auto_rules")))
 
 
@@ -209,17 +214,14 @@ def _auto_rules(raw: Any) -> tuple:
         raise ConfigError(key, raw, why) from None
 
 
-def _policy(tbl: Any) -> Mapping[str, Any] | None:
-    """Validate the [policy] table now, so that a bad rule fails at load time."""
-    if tbl is None:
-        return None
-    from agentcg.core.policy import PolicyConfigError, load_ruleset
+def _ruleset(tbl: Any) -> Ruleset:
+    """The [policy] table parsed (the default ruleset without one), at load
+    time, so that a bad rule fails before the daemon starts."""
     try:
-        load_ruleset(tbl)
+        return load_ruleset(tbl)
     except PolicyConfigError as exc:
         field_name, _, why = str(exc).partition(": ")
         raise ConfigError(field_name, tbl, why) from None
-    return dict(tbl)
 
 
 def load_config_text(path: str, text: str | None) -> Config:
@@ -229,13 +231,7 @@ def load_config_text(path: str, text: str | None) -> Config:
     try:
         return parse_config(text)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc.key}", exc.value, _why(exc)) from None
-
-
-def _why(exc: ConfigError) -> str:
-    msg = str(exc)
-    prefix = f"{exc.key}: {exc.value!r} "
-    return msg[len(prefix):] if msg.startswith(prefix) else msg
+        raise ConfigError(f"{path}: {exc.key}", exc.value, exc.why) from None
 
 
 def _table(value: Any, where: str) -> None:

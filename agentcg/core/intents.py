@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
+from agentcg.core.errors import FieldError
 from agentcg.core.model import Adjustment, Grant, Limits
 from agentcg.units import UnitError, format_bytes, parse_bytes, parse_duration_ns
 
@@ -55,14 +56,8 @@ FIELD_NAMES = ("memory", "memory_max", "cpu", "cpu_max", "pids_max", "io_weight"
                "duration", "gpu_memory", "priority", "network")
 
 
-class IntentError(ValueError):
+class IntentError(FieldError):
     """A bad intent. `field` and `value` name what was wrong."""
-
-    def __init__(self, field: str, value: Any, why: str):
-        self.field = field
-        self.value = value
-        self.why = why
-        super().__init__(f"{field}: {value!r} {why}")
 
 
 class BudgetError(ValueError):

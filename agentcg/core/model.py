@@ -9,9 +9,12 @@ Nothing here does I/O. Every quantity carries its unit in its name.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any
 
+# what a session or tool-call name may be (a cgroup and log-friendly word)
+SESSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 CPU_MAX_PERIOD_US = 100_000
 """cpu.max period: 100 ms, the kernel's default. A quota of 100% is one CPU."""
 

@@ -120,3 +120,27 @@ def test_daemon_cpu_weight_is_a_cgroup_weight():
     for bad in ("0", "10001", "true", '"high"'):
         with pytest.raises(ConfigError, match="daemon.cpu_weight.*cpu.weight"):
             parse_config(f"[daemon]\ncpu_weight = {bad}\n")
+
+
+def test_policy_table_is_parsed_once_at_load_into_the_ruleset():
+    cfg = parse_config('[policy]\npreset = "static"\n')
+    assert cfg.policy == {"preset": "static"}
+    assert cfg.ruleset.names() == ["static_session_max"]
+    assert Config().ruleset.names() == parse_config("").ruleset.names()  # no table: the default ruleset
+    assert "kill" in Config().ruleset.names()
+
+
+def test_config_intent_and_hint_errors_are_one_field_error():
+    from agentcg.cli.hints import HintError, parse_intent
+    from agentcg.core.errors import FieldError
+    from agentcg.core.intents import Intent, IntentError
+
+    with pytest.raises(ConfigError) as ce:
+        parse_config("[daemon]\nstraggler_policy = 'zap'")
+    with pytest.raises(IntentError) as ie:
+        Intent.from_string("memory=lots")
+    with pytest.raises(HintError) as he:
+        parse_intent("memory=lots")
+    for err in (ce.value, ie.value, he.value):
+        assert isinstance(err, FieldError) and str(err) == f"{err.field}: {err.value!r} {err.why}"
+    assert ce.value.key == ce.value.field == "daemon.straggler_policy"

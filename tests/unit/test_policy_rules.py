@@ -439,7 +439,7 @@ def test_lower_priority_cannot_borrow_what_is_promised_to_a_higher_one():
 
 def test_reclaimable_memory_stops_at_the_lower_sessions_protected_floor():
     from agentcg.core.policy.context import Ctx
-    from agentcg.core.policy.rules import _reclaimable
+    from agentcg.core.policy.grants import _reclaimable
     lo_call = call("lo", 1, cur=500 * M, high=500 * M)
     plain = session("lo", 1, [lo_call], agent_bytes=100 * M)
     ctx = Ctx(snap([plain]), PolicyState())
@@ -564,7 +564,7 @@ def test_without_swap_a_grant_never_counts_on_what_lower_priorities_hold():
 
 def test_a_kill_planned_this_tick_backs_a_grant():
     from agentcg.core.policy.context import Ctx
-    from agentcg.core.policy.rules import available_to
+    from agentcg.core.policy.grants import available_to
     lo = call("lo", 1, cur=300 * M, high=320 * M)
     s = snap([session("hi", 9, []), session("lo", 1, [lo])], budget=1 * G)
     ctx = Ctx(s, PolicyState())
@@ -575,7 +575,7 @@ def test_a_kill_planned_this_tick_backs_a_grant():
 
 def test_with_swap_lower_priorities_memory_counts_only_up_to_the_free_swap():
     from agentcg.core.policy.context import Ctx
-    from agentcg.core.policy.rules import available_to
+    from agentcg.core.policy.grants import available_to
     lo = call("lo", 1, cur=600 * M, high=600 * M)
     sessions = [session("hi", 9, []), session("lo", 1, [lo])]
     none = available_to(Ctx(snap(sessions, budget=2 * G), PolicyState()), 9, 2 * G)

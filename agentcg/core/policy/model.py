@@ -156,6 +156,32 @@ class HostView:
 
 
 @dataclass(frozen=True)
+class PsiSample:
+    """A cgroup's memory.pressure stall totals at t_ns: what the next tick
+    measures the growth of the stall against (PSI totals only grow)."""
+
+    path: str
+    t_ns: int
+    some_total_us: int
+    full_total_us: int
+
+    @classmethod
+    def of(cls, cg: CgroupView, t_ns: int) -> "PsiSample":
+        return cls(cg.path, t_ns, cg.psi.some_total_us, cg.psi.full_total_us)
+
+    def stall_us(self, psi: Psi, kind: str, now_ns: int, window_ns: int) -> int:
+        """Stall of `kind` ("some" | "full") since this sample, as `psi` reads
+        now: the whole growth when the interval fits in window_ns, else the
+        growth scaled down to one window."""
+        if kind == "some":
+            delta = max(0, psi.some_total_us - self.some_total_us)
+        else:
+            delta = max(0, psi.full_total_us - self.full_total_us)
+        dt_ns = now_ns - self.t_ns
+        return delta if dt_ns <= window_ns else int(delta * window_ns / dt_ns)
+
+
+@dataclass(frozen=True)
 class PolicyState:
     """What the policy remembers between ticks. Returned, never mutated.
 
@@ -164,7 +190,7 @@ class PolicyState:
     current pressure episode (or calm spell) began. frozen: calls this policy
     froze. reclaimed: cgroup -> memory.high before the policy lowered it.
     protected: sessions given memory.low. killed: calls this policy killed.
-    psi_prev: cgroup -> (now_ns, some_total_us, full_total_us) of the last tick.
+    psi_prev: the PSI totals of the host and every session at the last tick.
     """
 
     level: int = 0
@@ -176,11 +202,14 @@ class PolicyState:
     reclaimed: tuple[tuple[str, int | None], ...] = ()
     protected: tuple[tuple[str, int], ...] = ()
     killed: tuple[str, ...] = ()
-    psi_prev: tuple[tuple[str, int, int, int], ...] = ()
+    psi_prev: tuple[PsiSample, ...] = ()
     last_grant_ns: int | None = None
 
     def with_(self, **kw: Any) -> "PolicyState":
         return replace(self, **kw)
+
+    def psi_sample(self, path: str) -> PsiSample | None:
+        return next((p for p in self.psi_prev if p.path == path), None)
 
 
 @dataclass(frozen=True)
@@ -200,6 +229,9 @@ class Snapshot:
 
     def calls(self) -> list[tuple[SessionView, CallView]]:
         return [(s, c) for s in self.sessions for c in s.calls]
+
+    def calls_by_path(self) -> dict[str, tuple[SessionView, CallView]]:
+        return {c.path: (s, c) for s, c in self.calls()}
 
 
 @dataclass(frozen=True)

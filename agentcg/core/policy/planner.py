@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agentcg.core.policy.base import LadderStep, LastResort
 from agentcg.core.policy.context import Ctx
-from agentcg.core.policy.model import Action, PolicyState, Snapshot
+from agentcg.core.policy.model import Action, PolicyState, PsiSample, Snapshot
 from agentcg.core.policy.registry import Ruleset
 
 
@@ -35,15 +36,15 @@ def plan(snapshot: Snapshot, ruleset: Ruleset, state: PolicyState | None = None)
     state = snapshot.state if state is None else state
     ctx = Ctx(snapshot, state)
     now = snapshot.now_ns
-    steps = sorted((r for r in ruleset.rules if r.step > 0), key=lambda r: r.step)
+    steps = ruleset.ladder_steps()
     for rule in ruleset.rules:
-        if rule.step == 0:
+        if not isinstance(rule, LadderStep):
             rule.evaluate(ctx)
 
     level = state.level
     level_since = state.level_since_ns
     wake: int | None = None
-    kill_rule = next((r for r in steps if r.rule_name == "kill"), None)
+    kill_rule = next((r for r in steps if isinstance(r, LastResort)), None)
     # Only pressure felt by a priority that has someone below it can be relieved
     # by the ladder; the lowest priority short of memory waits (or, deadlocked,
     # meets the kill step's deadlock check below).
@@ -64,7 +65,7 @@ def plan(snapshot: Snapshot, ruleset: Ruleset, state: PolicyState | None = None)
                 nxt = next((r for r in steps if r.step > level), None)
                 if nxt is not None:
                     waited = now - level_since
-                    after = getattr(nxt, "escalate_after_ns", 0)
+                    after = nxt.escalate_after_ns
                     if waited >= after:
                         level, level_since = nxt.step, now
                     else:
@@ -87,7 +88,7 @@ def plan(snapshot: Snapshot, ruleset: Ruleset, state: PolicyState | None = None)
         if now - calm_since >= ruleset.ladder.calm_hold_ns:
             done = True
             for rule in reversed(steps):
-                if rule.step <= level and rule.undo(ctx) is False:
+                if rule.step <= level and not rule.undo(ctx):
                     done = False
             if done:
                 level, level_since = 0, now
@@ -104,8 +105,7 @@ def plan(snapshot: Snapshot, ruleset: Ruleset, state: PolicyState | None = None)
             kill_rule.apply(ctx)  # only its deadlock check can fire here
 
     # remember PSI totals for the next tick's stall measurement
-    prev = [(snapshot.host.cg.path, now, snapshot.host.cg.psi.some_total_us, snapshot.host.cg.psi.full_total_us)]
-    prev += [(s.path, now, s.cg.psi.some_total_us, s.cg.psi.full_total_us) for s in snapshot.sessions]
+    prev = [PsiSample.of(snapshot.host.cg, now)] + [PsiSample.of(s.cg, now) for s in snapshot.sessions]
     live = {c.path for _s, c in snapshot.calls()}
     frozen = tuple(p for p in ctx.st("frozen") if p in live)
     frozen_since = tuple(kv for kv in ctx.st("frozen_since_ns") if kv[0] in live)

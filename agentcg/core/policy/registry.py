@@ -19,7 +19,9 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
+
+from agentcg.core.policy.base import LadderStep, RuleBase
 
 from agentcg.units import UnitError, parse_bytes, parse_duration_ns
 
@@ -89,7 +91,7 @@ def _coerce(field_path: str, fname: str, ftype: Any, value: Any) -> Any:
     raise PolicyConfigError(f"{field_path}: unsupported argument type {ftype!r}")
 
 
-def build_rule(name: str, args: dict[str, Any] | None, where: str = "policy.rules") -> Any:
+def build_rule(name: str, args: dict[str, Any] | None, where: str = "policy.rules") -> RuleBase:
     cls = _REGISTRY.get(name)
     if cls is None:
         raise PolicyConfigError(f"{where}.name: unknown rule {name!r} (known: {', '.join(sorted(_REGISTRY))})")
@@ -106,11 +108,9 @@ def build_rule(name: str, args: dict[str, Any] | None, where: str = "policy.rule
         rule = cls(**kw)
     except TypeError as exc:
         raise PolicyConfigError(f"{where}.args: {exc}") from None
-    check = getattr(rule, "check", None)
-    if check is not None:
-        problem = check()
-        if problem:
-            raise PolicyConfigError(f"{where}.args.{problem}")
+    problem = rule.check()
+    if problem:
+        raise PolicyConfigError(f"{where}.args.{problem}")
     return rule
 
 
@@ -126,14 +126,18 @@ class LadderSettings:
 
 @dataclass(frozen=True)
 class Ruleset:
-    rules: tuple[Any, ...] = ()
+    rules: tuple[RuleBase, ...] = ()
     ladder: LadderSettings = LadderSettings()
     dry_run: bool = False
 
     def names(self) -> list[str]:
         return [r.rule_name for r in self.rules]
 
-    def find(self, name: str) -> Any | None:
+    def ladder_steps(self) -> list[LadderStep]:
+        """The ladder's steps, lowest first."""
+        return sorted((r for r in self.rules if isinstance(r, LadderStep)), key=lambda r: r.step)
+
+    def find(self, name: str) -> RuleBase | None:
         for r in self.rules:
             if r.rule_name == name:
                 return r
@@ -142,7 +146,7 @@ class Ruleset:
 
 def load_ruleset(section: dict[str, Any] | None) -> Ruleset:
     """Parse the `[policy]` table (a dict from tomllib)."""
-    from agentcg.core.policy import rules as _rules  # noqa: F401  (registers the rules)
+    import agentcg.core.policy  # noqa: F401  (its __init__ imports, and so registers, every rule)
 
     if section is None:
         return default_ruleset()
@@ -197,12 +201,3 @@ def load_ruleset(section: dict[str, Any] | None) -> Ruleset:
 def default_ruleset() -> Ruleset:
     return load_ruleset({"preset": "adaptive"})
 
-
-class RuleBase:
-    """Common surface of rules. `step` > 0 puts the rule on the memory ladder."""
-
-    rule_name: ClassVar[str] = ""
-    step: ClassVar[int] = 0
-
-    def check(self) -> str | None:  # "field: problem" or None
-        return None
