@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 def test_kill_9_at_random_loses_no_status_event_or_cgroup():
     require_cgroup2()
-    res = run_chaos(calls=100, cli_share=0.1, interval_s=(0.5, 1.5), seed=7)
+    res = run_chaos(calls=100, cli_share=0.2, interval_s=(0.2, 0.8), seed=7)
     assert res["kills"] >= 3 and res["restarts"] == res["kills"]
     assert res["wrong_or_lost_statuses"] == 0, res["examples"]["wrong"]
     assert res["unaccounted_calls"] == 0
