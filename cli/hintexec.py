@@ -16,9 +16,17 @@ runs `bash -c "pytest -q"` as one tool call:
   run-<pid>, ended after the command (as `agentcg run` does).
 - AGENTCG_SOCKET: the daemon's socket (default /run/agentcg/agentcg.sock).
 - AGENTCG_EXEC_SHELL: the real shell (default /bin/bash).
+- AGENTCG_RECONNECT_TIMEOUT_S: how long to wait for a restarting agentcgd
+  (default 30 s), before the command starts and after it ends.
 
 The exit status of the command passes through; feedback from the kernel's
 interventions goes to stderr as "agentcg: ..." lines the agent reads.
+
+A daemon restart is invisible: a call that runs while agentcgd restarts is
+accounted once it is back, and a command started while it restarts (its
+socket refuses) waits for it. If it does not come back within the bound,
+the command's own exit status is returned all the same, with a warning on
+stderr that the call could not be accounted.
 
 Never losing the agent's command: when agentcgd cannot be reached, the
 command runs plainly (exec of the real shell, no cgroup, no limits), with a
@@ -115,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
                 pass
         return _exec_plain(shell, args)
 
+    # an outage already warned about: run at once instead of waiting for the daemon again
     status = run_tool_call(path, [shell, *args], session_name=session, intent=hint.intent, name=name,
-                           as_json=False, prog="agentcg", on_unavailable=unavailable)
+                           as_json=False, prog="agentcg", on_unavailable=unavailable,
+                           wait_for_daemon=not os.path.exists(marker))
     try:
         os.unlink(marker)  # reached the daemon: warn again at the next outage
     except OSError:

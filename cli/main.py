@@ -16,6 +16,7 @@ import click
 
 from agentcg import protocol as p
 from agentcg.client import Client, DaemonUnavailable, ProtocolError
+from agentcg.client.core import RECONNECT_ENV
 
 from . import output as out
 from .hints import HintError, call_name_for, check_call_name, check_session_name, parse_intent, split_session_intent
@@ -287,10 +288,14 @@ def session_end(ctx, name, force, as_json) -> None:
 @click.option("--intent", "intent_text", metavar="K=V,...",
               help="The call's intent, e.g. memory=2G,cpu=latency,pids_max=512.")
 @click.option("--name", "call_name", metavar="NAME", help="Tool-call name in events (default: the program's name).")
+@click.option("--reconnect-timeout", "reconnect_timeout_s", metavar="SECONDS", type=click.FloatRange(min=0),
+              envvar=RECONNECT_ENV, show_envvar=True,
+              help="How long to wait for agentcgd while it restarts, before the call and after it "
+                   "(default 30). The command's exit status passes through either way.")
 @json_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
-def run(ctx, session_name, intent_text, call_name, as_json, command) -> None:
+def run(ctx, session_name, intent_text, call_name, reconnect_timeout_s, as_json, command) -> None:
     """Run COMMAND as one tool call and pass its exit status through.
 
     \b
@@ -304,6 +309,12 @@ def run(ctx, session_name, intent_text, call_name, as_json, command) -> None:
     Exit status: the command's; 128+N when killed by signal N (137 after an
     OOM kill); 125 when agentcg could not start it, 126/127 when it is not
     executable / not found.
+
+    \b
+    A daemon restart is invisible: agentcg waits for agentcgd to come back
+    (up to --reconnect-timeout) and the call is accounted; if it does not
+    come back in time, the command's own exit status is returned all the
+    same, with a warning that the call could not be accounted.
 
     \b
     Examples:
@@ -324,17 +335,27 @@ def run(ctx, session_name, intent_text, call_name, as_json, command) -> None:
     except HintError as exc:
         fail(str(exc), 2)
     status_code = run_tool_call(socket_path(ctx), argv, session_name=session_name, intent=intent,
-                                name=name, as_json=as_json, prog="agentcg")
+                                name=name, as_json=as_json, prog="agentcg",
+                                reconnect_timeout_s=reconnect_timeout_s)
     sys.exit(status_code)
 
 
 def run_tool_call(path: str, argv: list[str], *, session_name: str | None, intent, name: str,
-                  as_json: bool, prog: str, on_unavailable=None) -> int:
+                  as_json: bool, prog: str, on_unavailable=None, reconnect_timeout_s: float | None = None,
+                  wait_for_daemon: bool = True) -> int:
     """Run argv as one tool call; returns the exit status to exit with.
 
-    on_unavailable(exc) is called instead of failing when the daemon cannot be
-    reached before the command started (the hint wrapper runs it plainly)."""
-    client = Client(socket_path=path, timeout_s=60.0)
+    The daemon is waited for (up to reconnect_timeout_s, default
+    $AGENTCG_RECONNECT_TIMEOUT_S or 30 s) when it restarts, and with
+    wait_for_daemon also when it is not up yet. on_unavailable(exc) is
+    called instead of failing when the daemon cannot be reached before the
+    command started (the hint wrapper runs it plainly)."""
+    try:
+        client = Client(socket_path=path, timeout_s=60.0, reconnect_timeout_s=reconnect_timeout_s,
+                        wait_for_daemon=wait_for_daemon)
+    except ValueError as exc:    # a bad $AGENTCG_RECONNECT_TIMEOUT_S
+        click.echo(f"{prog}: error: {exc}; the command was not run", err=True)
+        return EXIT_AGENTCG_FAILED
     session_intent, call_intent = split_session_intent(intent)
     adhoc = session_name is None
     sname = session_name or f"run-{os.getpid()}"
@@ -376,10 +397,14 @@ def run_tool_call(path: str, argv: list[str], *, session_name: str | None, inten
     if as_json:
         click.echo(out.to_json({"exit_status": result.exit_status, "session": result.session,
                                 "call": result.call, "name": name, "stats": result.stats,
-                                "limits": result.limits, "feedback": result.feedback}), err=True)
+                                "limits": result.limits, "feedback": result.feedback,
+                                **({"unaccounted": result.unaccounted} if result.unaccounted else {})}),
+                   err=True)
     else:
         for line in out.feedback_lines(result.feedback):
             click.echo(f"{prog}: {line}", err=True)
+    if result.unaccounted:
+        click.echo(f"{prog}: warning: {result.unaccounted}", err=True)
     return result.exit_status
 
 

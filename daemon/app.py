@@ -260,13 +260,18 @@ async def serve(daemon: Daemon, *, teardown: bool = False, stop: asyncio.Event |
     cfg = daemon.cfg
     path = cfg.socket
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    # bound under a temporary name, then renamed over the old socket: a client
+    # never finds no socket during a restart (it would take the daemon for
+    # stopped), only one that refuses until this one listens
+    tmp = f"{path}.{os.getpid()}.new"
     try:
-        os.unlink(path)
+        os.unlink(tmp)
     except FileNotFoundError:
         pass
     server = Server(daemon)
-    srv = await asyncio.start_unix_server(server.client, path=path, limit=cfg.max_message_bytes)
-    os.chmod(path, cfg.socket_mode)
+    srv = await asyncio.start_unix_server(server.client, path=tmp, limit=cfg.max_message_bytes)
+    os.chmod(tmp, cfg.socket_mode)
+    os.replace(tmp, path)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -27,6 +27,7 @@ from agentcg.core.intents import (BudgetError, Intent, IntentError, call_limits,
 from agentcg.core.model import SESSION_NAME_RE, CallStats, Limits
 
 from .hooks import Hooks
+from .restart import RESTORED_CALL_GRACE_S, end_logged, kept_results
 from .state import CallRecord, Journal, SessionRecord, load_state, state_json, write_atomic
 
 log = logging.getLogger("agentcg.daemon")
@@ -209,7 +210,8 @@ class Daemon:
         empty the journal, before a reply that changed a session goes out,
         so that a crash right after it loses nothing."""
         try:
-            write_atomic(self.cfg.state_file, state_json(str(self.cgfs.root), self.sessions))
+            write_atomic(self.cfg.state_file, state_json(str(self.cgfs.root), self.sessions,
+                                                         kept_results(self.finished, self.sessions)))
         except OSError as exc:
             log.error("cannot write state file %s: %s", self.cfg.state_file, exc)
             return
@@ -269,7 +271,10 @@ class Daemon:
     # -- restore ---------------------------------------------------------------
     def restore(self) -> dict[str, int]:
         """Rebuild from the state file and the cgroup tree after a restart."""
-        _root, saved = load_state(self.cfg.state_file)
+        ends: list[dict[str, Any]] = []
+        kept: list[dict[str, Any]] = []
+        _root, saved = load_state(self.cfg.state_file, ends, kept)
+        self._restore_results(kept, ends)
         counts = {"sessions": 0, "calls": 0, "adopted": 0, "lost": 0, "removed": 0}
         on_disk = [d[2:] for d in self.cgfs.children() if d.startswith("s-")]
         now_ns = time.monotonic_ns()
@@ -310,6 +315,7 @@ class Daemon:
                                             start_ns=now_ns - age_ns, start_time=born)
                     counts["adopted"] += 1
                 s.calls[n].conn = None  # its client's connection died with the old daemon
+                s.calls[n].reconnect_until_ns = now_ns + int(RESTORED_CALL_GRACE_S * 1e9)
                 counts["calls"] += 1
             s.next_call = max([s.next_call] + [n + 1 for n in dirs])
             self.sessions[name] = s
@@ -321,6 +327,27 @@ class Daemon:
         log.info("restored %(sessions)d sessions, %(calls)d running calls "
                  "(%(adopted)d adopted, %(lost)d lost), %(removed)d empty call cgroups removed", counts)
         return counts
+
+    def _restore_results(self, kept: list[dict[str, Any]], ends: list[dict[str, Any]]) -> None:
+        """call.end results for clients that send call.end again, and the
+        call.end event of the journal's last end line if the crash came
+        before it was written (see daemon/restart.py)."""
+        for r in kept + [e["result"] for e in ends]:
+            if isinstance(r.get("session"), str) and isinstance(r.get("call"), int):
+                self.finished[(r["session"], r["call"])] = r
+        if ends and not end_logged(self.cfg.event_log_file, ends[-1]):
+            log.warning("call %s/%s ended just before the restart: writing its call.end event",
+                        ends[-1]["session"], ends[-1]["n"])
+            self.emit({"type": "call.end", **ends[-1]["result"]})
+
+    def _log_bytes(self) -> int | None:
+        """The event log's size: where the next event goes."""
+        try:
+            if self._log_f is None:
+                self._log_f = open(self.cfg.event_log_file, "a", buffering=1)
+            return os.fstat(self._log_f.fileno()).st_size
+        except OSError:
+            return None
 
     # -- dispatch ----------------------------------------------------------------
     async def handle(self, msg: dict[str, Any], peer: Peer) -> dict[str, Any]:
@@ -478,31 +505,35 @@ class Daemon:
             raise p.ProtocolError(p.E_BAD_REQUEST, "name/argv: not a string / list of strings")
         intent = Intent.parse(msg.get("intent")).over(self.config.call_defaults)
         limits, adjustments = call_limits(intent, s.limits)
+        token = msg.get("token")
+        token = token if isinstance(token, str) else ""
+        again = next((c for c in s.calls.values() if token and c.token == token), None)
+        if again is not None:   # a resend after a restart: the same call, never a second
+            return self._call_start_again(s, again, placement, pid, peer, adjustments)
         n = self._new_call_dir(s)
         c = CallRecord(session=s.name, n=n, name=name, uid=s.uid, pid=pid, intent=intent, limits=limits,
                        start_ns=time.monotonic_ns(), start_time=time.time(),
-                       argv=[str(a) for a in argv][:64], conn=peer.conn)
+                       argv=[str(a) for a in argv][:64], conn=peer.conn, token=token)
         fd = None
         try:
             res = self.cgfs.apply_limits(c.rel, limits.files(),
                                          f"call {name or n} intent {intent.describe() or '(defaults)'}")
+            # journaled before the pid is placed and the reply: restore must tell a
+            # started call from an empty spare even if the tool ran and exited while
+            # the daemon was down, and a resent call.start finds its call, not a stray
+            s.calls[n] = c
+            self.record({"op": "start", "call": c.to_dict()})
             if placement == "pid":
                 self.cgfs.place(c.rel, pid)
                 self.oom_prefer(pid, "call", s)
             else:
                 fd = self.cgfs.open_dir(c.rel)
         except ProcessLookupError:
-            self._forget_fds(c.rel)
-            self.cgfs.remove(c.rel)
+            self._abort_start(s, c)
             raise p.ProtocolError(p.E_BAD_PID, f"pid: {pid} exited before it was placed") from None
         except OSError as exc:
-            self._forget_fds(c.rel)
-            self.cgfs.remove(c.rel)
+            self._abort_start(s, c)
             raise p.ProtocolError(p.E_CGROUP, f"cannot set up {c.rel}: {exc}") from None
-        s.calls[n] = c
-        # journaled before the reply: restore must tell a started call from an
-        # empty spare even if the tool ran and exited while the daemon was down
-        self.record({"op": "start", "call": c.to_dict()})
         self.later(self.refill_spares, s.name)
         reply = {"call": n, "cgroup": str(self.cgfs.path(c.rel)), "limits": limits.to_dict(),
                  "adjustments": [a.to_dict() for a in adjustments], "skipped_files": res["skipped"]}
@@ -517,6 +548,38 @@ class Daemon:
                    "pid": pid, "intent": intent.to_dict(), "limits": limits.to_dict()})
         return reply
 
+    def _abort_start(self, s: SessionRecord, c: CallRecord) -> None:
+        if s.calls.pop(c.n, None) is not None:
+            self.record({"op": "drop", "session": s.name, "n": c.n})
+        self._forget_fds(c.rel)
+        self.cgfs.remove(c.rel)
+
+    def _call_start_again(self, s: SessionRecord, c: CallRecord, placement: str, pid: int, peer: Peer,
+                          adjustments: list[Any]) -> dict[str, Any]:
+        """The reply to a call.start whose first reply was lost in a restart:
+        its pid placed if it is not yet (the crash came before), or a fresh fd
+        of its cgroup for clone_into."""
+        fd = None
+        try:
+            if placement == "pid":
+                if not self._in_cgroup(pid, c.rel):
+                    self.cgfs.place(c.rel, pid)
+                    self.oom_prefer(pid, "call", s)
+                c.pid = pid
+            else:
+                fd = self.cgfs.open_dir(c.rel)
+        except ProcessLookupError:
+            raise p.ProtocolError(p.E_BAD_PID, f"pid: {pid} exited before it was placed") from None
+        except OSError as exc:
+            raise p.ProtocolError(p.E_CGROUP, f"cannot set up {c.rel}: {exc}") from None
+        c.conn, c.reconnect_until_ns = peer.conn, 0
+        reply = {"call": c.n, "cgroup": str(self.cgfs.path(c.rel)), "limits": c.limits.to_dict(),
+                 "adjustments": [a.to_dict() for a in adjustments], "skipped_files": [], "resent": True}
+        if fd is not None:
+            reply.update(placement="clone_into", cgroup_fd=True, _fds=[fd],
+                         oom_score_adj=self.call_oom_adj(s) if self.mount is not None else None)
+        return reply
+
     def op_call_started(self, msg: dict[str, Any], peer: Peer) -> dict[str, Any]:
         """The pid of a clone_into call's child. It must be the caller's child;
         if it is not inside the call cgroup yet (clone3 was refused and the
@@ -529,9 +592,11 @@ class Daemon:
         c = s.calls.get(n)
         if c is None:
             raise p.ProtocolError(p.E_NOT_FOUND, f"call: {n} is not running in session {s.name!r}")
+        pid = msg.get("pid")
+        if c.pid and c.pid == pid:     # a resend after a restart
+            return {"call": n, "pid": pid, "resent": True}
         if c.pid:
             raise p.ProtocolError(p.E_BAD_REQUEST, f"call: {n} already has pid {c.pid}")
-        pid = msg.get("pid")
         if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0 or pid == self.own_pid:
             raise p.ProtocolError(p.E_BAD_REQUEST, f"pid: {pid!r} is not a process id")
         placed = "clone_into"
@@ -687,10 +752,13 @@ class Daemon:
             log.info("call %s kept with %d processes; removed when they exit", rel, stragglers)
         s.calls.pop(c.n, None)
         s.calls_done += 1
-        self.record({"op": "end", "session": s.name, "n": c.n, "done": s.calls_done})
         result = {"session": s.name, "call": c.n, "name": c.name, "uid": c.uid, "exit_status": exit_status,
                   "stats": stats.to_dict(), "limits": c.limits.to_dict(),
                   "feedback": [f.to_dict() for f in items], "cgroup_removed": removed, "reason": reason}
+        # the result survives a restart; nothing awaits between this line and the
+        # event, so that restore can tell whether the event was written (restart.py)
+        self.record({"op": "end", "session": s.name, "n": c.n, "done": s.calls_done, "result": result,
+                     "log_bytes": self._log_bytes()})
         self.finished[(s.name, c.n)] = result
         while len(self.finished) > self.cfg.finished_keep:
             self.finished.pop(next(iter(self.finished)))
@@ -716,9 +784,11 @@ class Daemon:
         while True:
             await asyncio.sleep(interval)
             try:
+                now_ns = time.monotonic_ns()
                 for s in list(self.sessions.values()):
                     for c in list(s.calls.values()):
-                        if c.conn is None and not self.cgfs.populated(c.rel, self._stat_fds.get(c.rel)):
+                        if c.conn is None and c.reconnect_until_ns <= now_ns and \
+                                not self.cgfs.populated(c.rel, self._stat_fds.get(c.rel)):
                             await self.finalise(s, c, exit_status=None,
                                                 reason="processes exited; client gone")
                 for rel in list(self.lingering):

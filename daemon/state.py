@@ -38,6 +38,10 @@ class CallRecord:
     start_time: float        # wall clock, for people
     argv: list[str] = field(default_factory=list)
     conn: int | None = None  # id of the connection that started it; None = orphan
+    token: str = ""          # the client's name for its call.start: a resend finds this call
+    # restored after a restart: its client has until then to reconnect and end it
+    # with the real exit status, before the watch finalises it as orphaned
+    reconnect_until_ns: int = 0
 
     @property
     def rel(self) -> str:
@@ -46,14 +50,16 @@ class CallRecord:
     def to_dict(self) -> dict[str, Any]:
         return {"session": self.session, "n": self.n, "name": self.name, "uid": self.uid,
                 "pid": self.pid, "intent": self.intent.to_dict(), "limits": self.limits.to_dict(),
-                "start_ns": self.start_ns, "start_time": self.start_time, "argv": self.argv}
+                "start_ns": self.start_ns, "start_time": self.start_time, "argv": self.argv,
+                "token": self.token}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CallRecord":
         return cls(session=d["session"], n=int(d["n"]), name=d.get("name", ""), uid=int(d["uid"]),
                    pid=int(d.get("pid", 0)), intent=Intent.parse(d.get("intent") or {}),
                    limits=Limits.from_dict(d.get("limits") or {}), start_ns=int(d["start_ns"]),
-                   start_time=float(d.get("start_time", 0.0)), argv=list(d.get("argv") or []))
+                   start_time=float(d.get("start_time", 0.0)), argv=list(d.get("argv") or []),
+                   token=str(d.get("token") or ""))
 
 
 @dataclass
@@ -90,9 +96,12 @@ class SessionRecord:
         return s
 
 
-def state_json(root: str, sessions: dict[str, SessionRecord]) -> str:
+def state_json(root: str, sessions: dict[str, SessionRecord],
+               finished: list[dict[str, Any]] | None = None) -> str:
+    """finished: call.end results kept for clients that resend call.end after a restart."""
     return json.dumps({"version": STATE_VERSION, "cgroup_root": root,
-                       "sessions": {name: s.to_dict() for name, s in sessions.items()}},
+                       "sessions": {name: s.to_dict() for name, s in sessions.items()},
+                       "finished": finished or []},
                       separators=(",", ":"))
 
 
@@ -143,13 +152,14 @@ class Journal:
             self.fd = None
 
 
-def replay(sessions: dict[str, SessionRecord], lines: Any) -> int:
+def replay(sessions: dict[str, SessionRecord], lines: Any, ends: list[dict[str, Any]] | None = None) -> int:
     """Apply journal lines to sessions loaded from the state file; returns how
     many applied. {"op": "start", "call": CallRecord} adds or replaces a call,
     {"op": "pid", ...} names a clone_into call's pid, {"op": "end", "done": k}
-    drops a call (k: the session's calls done with it). Each line sets
-    rather than adds, so that replaying lines already in the state file
-    changes nothing."""
+    drops a call (k: the session's calls done with it; its "result", if any,
+    is appended to `ends`), {"op": "drop"} drops a call that never started.
+    Each line sets rather than adds, so that replaying lines already in the
+    state file changes nothing."""
     applied = 0
     for line in lines:
         try:
@@ -172,6 +182,10 @@ def replay(sessions: dict[str, SessionRecord], lines: Any) -> int:
                 elif op == "end":
                     del s.calls[c.n]
                     s.calls_done = max(s.calls_done, int(rec["done"]))
+                    if ends is not None and isinstance(rec.get("result"), dict):
+                        ends.append(rec)
+                elif op == "drop":
+                    del s.calls[c.n]
                 else:
                     continue
             applied += 1
@@ -184,8 +198,11 @@ def save_state(path: str | Path, root: str, sessions: dict[str, SessionRecord]) 
     write_atomic(path, state_json(root, sessions))
 
 
-def load_state(path: str | Path) -> tuple[str | None, dict[str, SessionRecord]]:
-    """(cgroup root the file was written for, sessions); empty when absent or unreadable."""
+def load_state(path: str | Path, ends: list[dict[str, Any]] | None = None,
+               finished: list[dict[str, Any]] | None = None) -> tuple[str | None, dict[str, SessionRecord]]:
+    """(cgroup root the file was written for, sessions); empty when absent or
+    unreadable. The journal's end lines that carry a result are appended to
+    `ends` and the state file's kept results to `finished`."""
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -200,9 +217,11 @@ def load_state(path: str | Path) -> tuple[str | None, dict[str, SessionRecord]]:
             sessions[name] = SessionRecord.from_dict(d)
         except (KeyError, ValueError, TypeError):
             continue
+    if finished is not None:
+        finished.extend(r for r in data.get("finished") or [] if isinstance(r, dict))
     try:
         with open(journal_path(path), "rb") as f:
-            replay(sessions, f)
+            replay(sessions, f, ends)
     except OSError:
         pass
     return data.get("cgroup_root"), sessions

@@ -29,53 +29,21 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from agentcg import protocol as p
 from agentcg.protocol import ProtocolError
 
 from . import _clone
+from .core import (CONNECTION_LOST, PY_TRAMPOLINE, SH_TRAMPOLINE, Attempts, CallResult, DaemonUnavailable,
+                   call_token, default_socket_path, exit_status, give_up_at_once, intent_field,
+                   unavailable)
+from .core import reconnect_timeout_s as _reconnect_bound_s
 
 __all__ = ["Client", "Session", "ToolCall", "CallResult", "CallHandle", "ProtocolError",
            "DaemonUnavailable", "default_socket_path"]
 
-# waits for a line on fd N, then closes it and execs the command (sh takes fds 0-9 only)
-_SH_TRAMPOLINE = 'read -r _ <&{fd} || exit 125; exec {fd}<&-; exec "$@"'
-_PY_TRAMPOLINE = ("import os,sys; fd=int(sys.argv[1]); b=os.read(fd,3); os.close(fd); "
-                  "b or sys.exit(125); os.execvp(sys.argv[2], sys.argv[2:])")
-RECONNECT_S = 30.0
-
-
-class DaemonUnavailable(ConnectionError):
-    """agentcgd is not running or its socket cannot be reached."""
-
-
-def default_socket_path() -> str:
-    return os.environ.get("AGENTCG_SOCKET") or p.DEFAULT_SOCKET
-
-
-def exit_status(returncode: int) -> int:
-    """subprocess returncode -> shell-style status (killed by signal n -> 128+n)."""
-    return 128 - returncode if returncode < 0 else returncode
-
-
-@dataclass
-class CallResult:
-    exit_status: int
-    returncode: int
-    session: str
-    call: int
-    stats: dict[str, Any] = field(default_factory=dict)
-    limits: dict[str, Any] = field(default_factory=dict)
-    feedback: list[dict[str, Any]] = field(default_factory=list)
-    stdout: Any = None
-    stderr: Any = None
-    reply: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None       # the command could not be executed (exit status 127)
-
-    def feedback_text(self) -> str:
-        return "\n".join(f"agentcg: {f['message']} {f.get('suggestion', '')}".rstrip() for f in self.feedback)
+_intent = intent_field
 
 
 class Client:
@@ -83,12 +51,23 @@ class Client:
     daemon restart). Safe to share between threads."""
 
     def __init__(self, socket_path: str | None = None, *, max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES,
-                 timeout_s: float | None = 60.0, clone_into: bool | None = None):
+                 timeout_s: float | None = 60.0, clone_into: bool | None = None,
+                 reconnect_timeout_s: float | None = None, wait_for_daemon: bool = False):
         """clone_into: start commands inside their cgroup with clone3 (True),
         never (False), or when running as root (None, the default). A refusal
         (kernel without it, no permission, an older daemon) falls back to the
-        waiting-child placement for the rest of this client's life."""
+        waiting-child placement for the rest of this client's life.
+
+        reconnect_timeout_s: once the daemon was reached, how long a request
+        waits for it to come back (a restart) before DaemonUnavailable;
+        default $AGENTCG_RECONNECT_TIMEOUT_S, else 30 s. wait_for_daemon:
+        wait so long for the first connection too when the daemon's socket
+        is there but refuses (a daemon being restarted); default: fail at
+        once when no daemon listens."""
         self.clone_into = (os.geteuid() == 0) if clone_into is None else clone_into
+        self.reconnect_timeout_s = _reconnect_bound_s(reconnect_timeout_s)
+        self.wait_for_daemon = wait_for_daemon
+        self._reached = False
         self.socket_path = socket_path or default_socket_path()
         self.max_bytes = max_message_bytes
         self.timeout_s = timeout_s
@@ -106,16 +85,25 @@ class Client:
             s.connect(self.socket_path)
         except OSError as exc:
             s.close()
-            raise DaemonUnavailable(f"cannot reach agentcgd at {self.socket_path}: {exc.strerror or exc}") from None
+            raise unavailable(self.socket_path, exc) from None
         return s
+
+    def _ensure_connected(self) -> None:
+        if self._sock is None:
+            self._sock = self._connect()
+            self._reader = p.LineReader(self._sock, self.max_bytes)
+            self._reached = True
+
+    def _drop_connection(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = None
+        self._reader = None
+        self._pending.clear()
 
     def close(self) -> None:
         with self._lock:
-            if self._sock is not None:
-                self._sock.close()
-            self._sock = None
-            self._reader = None
-            self._pending.clear()
+            self._drop_connection()
 
     def __enter__(self) -> "Client":
         return self
@@ -123,30 +111,33 @@ class Client:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def request(self, op: str, *, retry_s: float = 0.0, fds_out: list[int] | None = None,
+    def request(self, op: str, *, retry_s: float | None = None, fds_out: list[int] | None = None,
                 **fields: Any) -> dict[str, Any]:
         """Send one request and return its reply; raises ProtocolError on ok=false.
-        With retry_s > 0, a lost connection is re-established (the daemon may be
-        restarting) and the request sent again until retry_s have passed.
-        File descriptors sent with the reply are appended to `fds_out` (the
-        caller closes them), or closed when it is None."""
-        deadline = time.monotonic() + retry_s
+        A lost connection is re-established with backoff (the daemon may be
+        restarting) and the request sent again, for up to retry_s (default:
+        the client's reconnect_timeout_s; none before the daemon was first
+        reached, unless wait_for_daemon). File descriptors sent with the
+        reply are appended to `fds_out` (the caller closes them), or closed
+        when it is None."""
+        attempts = Attempts(op, fields, self._retry_bound(retry_s))
         while True:
             try:
-                return self._request_once(op, fields, fds_out)
-            except (DaemonUnavailable, ConnectionError, BrokenPipeError, EOFError) as exc:
+                return self._request_once(op, attempts.fields, fds_out)
+            except CONNECTION_LOST as exc:
                 self.close()
-                if time.monotonic() >= deadline:
-                    if isinstance(exc, DaemonUnavailable):
-                        raise
-                    raise DaemonUnavailable(f"lost the connection to agentcgd: {exc}") from None
-                time.sleep(0.05)
+                if retry_s is None and give_up_at_once(self._reached, self.wait_for_daemon, exc):
+                    raise
+                time.sleep(attempts.next_delay(exc))
+            except ProtocolError as exc:
+                return attempts.after_error(exc)
+
+    def _retry_bound(self, retry_s: float | None) -> float:
+        return self.reconnect_timeout_s if retry_s is None else retry_s
 
     def _request_once(self, op: str, fields: dict[str, Any], fds_out: list[int] | None = None) -> dict[str, Any]:
         with self._lock:
-            if self._sock is None:
-                self._sock = self._connect()
-                self._reader = p.LineReader(self._sock, self.max_bytes)
+            self._ensure_connected()
             self._ids += 1
             rid = self._ids
             self._sock.sendall(p.encode(p.request(rid, op, **fields), self.max_bytes))
@@ -173,12 +164,14 @@ class Client:
         """Send a request without waiting: its reply is handed to
         on_reply(message) while a later request reads its own reply."""
         with self._lock:
-            if self._sock is None:
-                self._sock = self._connect()
-                self._reader = p.LineReader(self._sock, self.max_bytes)
-            self._ids += 1
-            self._pending[self._ids] = on_reply
-            self._sock.sendall(p.encode(p.request(self._ids, op, **fields), self.max_bytes))
+            try:
+                self._ensure_connected()
+                self._ids += 1
+                self._pending[self._ids] = on_reply
+                self._sock.sendall(p.encode(p.request(self._ids, op, **fields), self.max_bytes))
+            except CONNECTION_LOST:
+                # the daemon is away: no reply will come; the next request reconnects
+                self._drop_connection()
 
     def flush(self) -> None:
         """Read the replies of requests sent without waiting (see send)."""
@@ -194,7 +187,7 @@ class Client:
                     if callback is not None:
                         callback(msg)
             except (OSError, EOFError, ProtocolError):
-                self._pending.clear()   # the connection is lost; the next request reconnects
+                self._drop_connection()   # the connection is lost; the next request reconnects
 
     # -- API --------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -242,15 +235,6 @@ class Client:
                     yield msg["event"]
         finally:
             sock.close()
-
-
-def _intent(intent: Any) -> Any:
-    if intent is None or isinstance(intent, (str, dict)):
-        return intent
-    to_dict = getattr(intent, "to_dict", None)
-    if to_dict is not None:
-        return to_dict()
-    raise TypeError(f"intent: {intent!r} is not a string, a dict or an Intent")
 
 
 class Session:
@@ -319,7 +303,7 @@ class ToolCall:
         proc, w = self._waiting_child(argv, popen_kwargs)
         try:
             reply = client.request("call.start", session=self.session.name, name=self.name,
-                                   intent=_intent(self.intent), pid=proc.pid, argv=argv)
+                                   intent=_intent(self.intent), pid=proc.pid, argv=argv, token=call_token())
         except BaseException:
             os.close(w)  # the trampoline exits 125 without running the command
             proc.wait()
@@ -337,9 +321,9 @@ class ToolCall:
         pass_fds = tuple(popen_kwargs.pop("pass_fds", ()))
         try:
             if r <= 9:
-                tramp = ["/bin/sh", "-c", _SH_TRAMPOLINE.format(fd=r), "agentcg-call", *argv]
+                tramp = ["/bin/sh", "-c", SH_TRAMPOLINE.format(fd=r), "agentcg-call", *argv]
             else:
-                tramp = [sys.executable, "-S", "-c", _PY_TRAMPOLINE, str(r), *argv]
+                tramp = [sys.executable, "-S", "-c", PY_TRAMPOLINE, str(r), *argv]
             proc = subprocess.Popen(tramp, pass_fds=pass_fds + (r,), **popen_kwargs)
         except BaseException:
             os.close(r)
@@ -358,7 +342,8 @@ class ToolCall:
             fds: list[int] = []
             try:
                 reply = client.request("call.start", fds_out=fds, session=sname, name=self.name,
-                                       intent=_intent(self.intent), argv=argv, placement="clone_into")
+                                       intent=_intent(self.intent), argv=argv, placement="clone_into",
+                                       token=call_token())
             except ProtocolError as exc:
                 if exc.code == p.E_BAD_REQUEST and ("pid" in exc.message or "placement" in exc.message):
                     client.clone_into = False      # a daemon without clone_into
@@ -475,14 +460,20 @@ class CallHandle:
             out = err = None
         rc = self.proc.returncode
         session = self.call.session
-        reply = session.client.request("call.end", retry_s=RECONNECT_S, session=session.name,
-                                       call=self.number, exit_status=exit_status(rc))
+        unaccounted = None
+        try:
+            reply = session.client.request("call.end", session=session.name, call=self.number,
+                                           exit_status=exit_status(rc))
+        except (DaemonUnavailable, ProtocolError) as exc:
+            # the command's status is ours (we reaped it): only the accounting is lost
+            reply = {}
+            unaccounted = f"call {self.number} of session {session.name} could not be accounted: {exc}"
         for msg in self.started:
             if not msg.get("ok") and self.error is None:
-                err = msg.get("error") or {}
-                self.error = f"call.started: {err.get('code')}: {err.get('message')}"
+                problem = msg.get("error") or {}
+                self.error = f"call.started: {problem.get('code')}: {problem.get('message')}"
         self.result = CallResult(exit_status=exit_status(rc), returncode=rc, session=session.name,
                                  call=self.number, stats=reply.get("stats", {}), limits=reply.get("limits", {}),
                                  feedback=reply.get("feedback", []), stdout=out, stderr=err, reply=reply,
-                                 error=self.error)
+                                 error=self.error, unaccounted=unaccounted)
         return self.result

@@ -19,15 +19,22 @@ import sys
 from typing import Any, AsyncIterator, Sequence
 
 from agentcg import protocol as p
-from agentcg.client import (_PY_TRAMPOLINE, _SH_TRAMPOLINE, CallResult, DaemonUnavailable,
-                            _intent, default_socket_path, exit_status)
+from agentcg.client.core import (CONNECTION_LOST, PY_TRAMPOLINE, SH_TRAMPOLINE, Attempts, CallResult,
+                                 DaemonUnavailable, call_token, default_socket_path, exit_status,
+                                 give_up_at_once, intent_field, unavailable)
+from agentcg.client.core import reconnect_timeout_s as _reconnect_bound_s
 
 __all__ = ["AsyncClient", "AsyncSession"]
 
 
 class AsyncClient:
-    def __init__(self, socket_path: str | None = None, *, max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES):
+    def __init__(self, socket_path: str | None = None, *, max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES,
+                 reconnect_timeout_s: float | None = None, wait_for_daemon: bool = False):
+        """reconnect_timeout_s and wait_for_daemon as in agentcg.client.Client."""
         self.socket_path = socket_path or default_socket_path()
+        self.reconnect_timeout_s = _reconnect_bound_s(reconnect_timeout_s)
+        self.wait_for_daemon = wait_for_daemon
+        self._reached = False
         self.max_bytes = max_message_bytes
         self._rw: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self._ids = 0
@@ -37,7 +44,7 @@ class AsyncClient:
         try:
             return await asyncio.open_unix_connection(self.socket_path, limit=self.max_bytes)
         except OSError as exc:
-            raise DaemonUnavailable(f"cannot reach agentcgd at {self.socket_path}: {exc.strerror or exc}") from None
+            raise unavailable(self.socket_path, exc) from None
 
     async def close(self) -> None:
         if self._rw is not None:
@@ -50,24 +57,26 @@ class AsyncClient:
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
-    async def request(self, op: str, *, retry_s: float = 0.0, **fields: Any) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + retry_s
+    async def request(self, op: str, *, retry_s: float | None = None, **fields: Any) -> dict[str, Any]:
+        """As Client.request: a lost connection is re-established with backoff
+        and the request sent again, within retry_s (default reconnect_timeout_s)."""
+        attempts = Attempts(op, fields, self.reconnect_timeout_s if retry_s is None else retry_s)
         while True:
             try:
-                return await self._request_once(op, fields)
-            except (DaemonUnavailable, ConnectionError, EOFError) as exc:
+                return await self._request_once(op, attempts.fields)
+            except CONNECTION_LOST as exc:
                 await self.close()
-                if loop.time() >= deadline:
-                    if isinstance(exc, DaemonUnavailable):
-                        raise
-                    raise DaemonUnavailable(f"lost the connection to agentcgd: {exc}") from None
-                await asyncio.sleep(0.05)
+                if retry_s is None and give_up_at_once(self._reached, self.wait_for_daemon, exc):
+                    raise
+                await asyncio.sleep(attempts.next_delay(exc))
+            except p.ProtocolError as exc:
+                return attempts.after_error(exc)
 
     async def _request_once(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
         async with self._lock:
             if self._rw is None:
                 self._rw = await self._open()
+                self._reached = True
             reader, writer = self._rw
             self._ids += 1
             rid = self._ids
@@ -92,7 +101,7 @@ class AsyncClient:
 
     async def session(self, name: str, intent: Any = None, *, uid: int | None = None,
                       exist_ok: bool = False, end_on_exit: bool = True) -> "AsyncSession":
-        fields: dict[str, Any] = {"name": name, "intent": _intent(intent), "exist_ok": exist_ok}
+        fields: dict[str, Any] = {"name": name, "intent": intent_field(intent), "exist_ok": exist_ok}
         if uid is not None:
             fields["uid"] = uid
         reply = await self.request("session.create", **fields)
@@ -152,9 +161,9 @@ class AsyncSession:
         r, w = os.pipe()
         try:
             if r <= 9:
-                tramp = ["/bin/sh", "-c", _SH_TRAMPOLINE.format(fd=r), "agentcg-call", *argv]
+                tramp = ["/bin/sh", "-c", SH_TRAMPOLINE.format(fd=r), "agentcg-call", *argv]
             else:
-                tramp = [sys.executable, "-S", "-c", _PY_TRAMPOLINE, str(r), *argv]
+                tramp = [sys.executable, "-S", "-c", PY_TRAMPOLINE, str(r), *argv]
             proc = await asyncio.create_subprocess_exec(*tramp, pass_fds=(r,), **subprocess_kwargs)
         except BaseException:
             os.close(w)
@@ -163,7 +172,8 @@ class AsyncSession:
             os.close(r)
         try:
             reply = await self.client.request("call.start", session=self.name, name=name or os.path.basename(argv[0]),
-                                              intent=_intent(intent), pid=proc.pid, argv=argv)
+                                              intent=intent_field(intent), pid=proc.pid, argv=argv,
+                                              token=call_token())
         except BaseException:
             os.close(w)
             await proc.wait()
@@ -174,8 +184,14 @@ class AsyncSession:
             os.close(w)
         out, err = await proc.communicate()
         rc = proc.returncode
-        end = await self.client.request("call.end", retry_s=30.0, session=self.name, call=reply["call"],
-                                        exit_status=exit_status(rc))
+        unaccounted = None
+        try:
+            end = await self.client.request("call.end", session=self.name, call=reply["call"],
+                                            exit_status=exit_status(rc))
+        except (DaemonUnavailable, p.ProtocolError) as exc:
+            end = {}     # the command's status is ours: only the accounting is lost
+            unaccounted = f"call {reply['call']} of session {self.name} could not be accounted: {exc}"
         return CallResult(exit_status=exit_status(rc), returncode=rc, session=self.name, call=reply["call"],
                           stats=end.get("stats", {}), limits=end.get("limits", {}),
-                          feedback=end.get("feedback", []), stdout=out, stderr=err, reply=end)
+                          feedback=end.get("feedback", []), stdout=out, stderr=err, reply=end,
+                          unaccounted=unaccounted)
