@@ -27,7 +27,8 @@ from agentcg.core.intents import (BudgetError, Intent, IntentError, call_limits,
 from agentcg.core.model import CallStats, Limits
 
 from .hooks import Hooks
-from .state import CallRecord, Journal, SessionRecord, load_state, state_json, write_atomic
+from .state import (CallRecord, Journal, SessionRecord, load_state, open_private, state_json,
+                    write_atomic)
 
 log = logging.getLogger("agentcg.daemon")
 
@@ -254,7 +255,8 @@ class Daemon:
         event = {"time": time.time(), **event}
         try:
             if self._log_f is None:
-                self._log_f = open(self.cfg.event_log_file, "a", buffering=1)
+                self._log_f = os.fdopen(open_private(self.cfg.event_log_file, os.O_WRONLY | os.O_APPEND),
+                                        "a", buffering=1)
             self._log_f.write(json.dumps(event, separators=(",", ":")) + "\n")
         except OSError as exc:
             log.error("cannot append to event log %s: %s", self.cfg.event_log_file, exc)
