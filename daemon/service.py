@@ -69,8 +69,11 @@ def proc_status(pid: int) -> dict[str, str] | None:
 
 def check_pid(pid: Any, peer: Peer, *, child_only: bool, own_pid: int) -> None:
     """The pid rule: a non-root caller may only place its own processes
-    (real and effective uid equal to the caller's), and for a tool call only
-    itself or its direct child. Root may place any process but the daemon."""
+    (real, effective, saved and filesystem uid all the caller's: a setuid
+    program that dropped its privileges for a while keeps root as its saved
+    uid and is not the caller's to freeze or kill through a cgroup), and for
+    a tool call only itself or its direct child. Root may place any process
+    but the daemon."""
     if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
         raise p.ProtocolError(p.E_BAD_REQUEST, f"pid: {pid!r} is not a process id")
     if pid == own_pid:
@@ -81,7 +84,7 @@ def check_pid(pid: Any, peer: Peer, *, child_only: bool, own_pid: int) -> None:
     if peer.root:
         return
     uids = st.get("Uid", "").split()
-    if len(uids) < 2 or int(uids[0]) != peer.uid or int(uids[1]) != peer.uid:
+    if len(uids) != 4 or any(int(u) != peer.uid for u in uids):
         raise p.ProtocolError(p.E_BAD_PID, f"pid: {pid} does not belong to uid {peer.uid}")
     if child_only and pid != peer.pid and int(st.get("PPid", "-1")) != peer.pid:
         raise p.ProtocolError(p.E_BAD_PID,
