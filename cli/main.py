@@ -152,6 +152,8 @@ def session() -> None:
     \b
     Examples:
       agentcg session create agent-1 --intent memory=8G,cpu=latency
+      agentcg session create agent-2 --attach 4242    # automatic mode
+      agentcg session attach agent-2 4243
       agentcg session list
       agentcg session show agent-1
       agentcg session end agent-1
@@ -164,21 +166,95 @@ def session() -> None:
               help="Session budget, e.g. memory=8G,memory_max=16G,priority=7 (see docs/intents.md).")
 @click.option("--uid", type=int, help="Owner uid (root only; default: yours).")
 @click.option("--exist-ok", is_flag=True, help="Succeed if a session of that name exists already.")
+@click.option("--attach", "attach_pids", metavar="PID", type=int, multiple=True,
+              help="Attach this running agent process (repeatable): automatic mode, see above.")
 @json_option
 @click.pass_context
-def session_create(ctx, name, intent_text, uid, exist_ok, as_json) -> None:
-    """Create session NAME; it lives until `agentcg session end NAME`."""
+def session_create(ctx, name, intent_text, uid, exist_ok, attach_pids, as_json) -> None:
+    """Create session NAME; it lives until `agentcg session end NAME`.
+
+    \b
+    Automatic mode, for agents that cannot be changed: --attach PID moves the
+    running agent into the session's agent cgroup, and every process it
+    starts from then on becomes a tool call of its own at its first exec
+    (followed in the kernel by the eBPF tracker), with the intent of the
+    first matching [[auto_rules]] entry of the config or the session's
+    default. The PID must be a process of yours (any for root). Processes
+    started before the attach stay where they are. `agentcg status` says
+    whether the tracker runs (hooks.bpf); without it the agent is only
+    accounted as a whole. At `session end` it is moved back where it was.
+
+    \b
+    Examples:
+      agentcg session create agent-1 --intent memory=8G,priority=7
+      agentcg session create agent-2 --intent memory_max=8G --attach "$AGENT_PID"
+    """
     try:
         check_session_name(name)
         intent = parse_intent(intent_text)
+        for pid in attach_pids:
+            check_pid_option(pid, "--attach")
     except HintError as exc:
         fail(str(exc), 2)
     with Api(ctx) as client:
         s = client.session(name, intent=intent.to_dict() or None, uid=uid, exist_ok=exist_ok, end_on_exit=False)
+        try:
+            attached = [attach_pid(client, s, pid) for pid in attach_pids]
+        except ProtocolError:
+            if not exist_ok:   # made just now, for an agent that cannot be attached: of no use
+                s.end()
+            raise
     if as_json:
-        click.echo(out.to_json(s.info))
+        click.echo(out.to_json({**s.info, **({"attached": attached} if attached else {})}))
     else:
         click.echo(f"session {name} created ({s.info.get('cgroup', '')})".replace(" ()", ""))
+        for a in attached:
+            click.echo(f"pid {a['pid']} attached ({a['cgroup']})")
+
+
+@session.command("attach")
+@click.argument("name")
+@click.argument("pids", metavar="PID...", type=int, nargs=-1, required=True)
+@json_option
+@click.pass_context
+def session_attach(ctx, name, pids, as_json) -> None:
+    """Attach running agent processes PID... to session NAME (automatic mode).
+
+    \b
+    Each PID is moved into the session's agent cgroup; every process it
+    starts from then on becomes a tool call of its own at its first exec
+    (eBPF tracker), with the intent of the first matching [[auto_rules]]
+    entry of the config or the session's default. PIDs must be processes of
+    yours (any for root); at `session end` they are moved back.
+
+    \b
+    Example:
+      agentcg session attach agent-2 "$AGENT_PID"
+    """
+    try:
+        for pid in pids:
+            check_pid_option(pid, "PID")
+    except HintError as exc:
+        fail(str(exc), 2)
+    with Api(ctx) as client:
+        s = client.get_session(name)
+        attached = [attach_pid(client, s, pid) for pid in pids]
+    if as_json:
+        click.echo(out.to_json(attached))
+    else:
+        for a in attached:
+            click.echo(f"pid {a['pid']} attached to session {name} ({a['cgroup']})")
+
+
+def check_pid_option(pid: int, field: str) -> None:
+    if pid <= 0:
+        raise HintError(field, pid, "is not a process id")
+
+
+def attach_pid(client: Client, s, pid: int) -> dict[str, Any]:
+    """session.attach of one pid: {"pid", "cgroup"}."""
+    reply = s.attach(pid)
+    return {"pid": pid, "cgroup": reply.get("cgroup")}
 
 
 @session.command("list")

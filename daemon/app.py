@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import struct
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ from agentcg.core.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_c
 
 from .hooks import Hooks
 from .service import Daemon, Peer
+from .state import journal_path, make_private
 
 try:  # sd_notify; a no-op outside systemd
     from . import notify as _notify
@@ -138,11 +140,37 @@ def prepare(config: Config, environ: dict[str, str] | None = None) -> Daemon:
     if missing and cfg.require_controllers:
         raise StartupError(f"cannot enable controllers {missing} in {root}: is the cgroup delegated "
                            "(Delegate=yes) and are they enabled in its parent?")
-    Path(cfg.runtime_dir).mkdir(parents=True, exist_ok=True)
+    secure_runtime_dir(cfg)
     daemon.restore()
     log.info("cgroup root %s (%s), controllers %s", root, "systemd delegation" if systemd else "configured",
              " ".join(sorted(daemon.enabled_controllers)) or "none")
     return daemon
+
+
+def runtime_dir_mode(cfg: Any) -> int:
+    """0711 where the socket lives in the runtime directory (every uid must
+    reach that known path; nobody but root may list or read the rest), else 0700."""
+    inside = os.path.normpath(os.path.dirname(cfg.socket)) == os.path.normpath(cfg.runtime_dir)
+    return 0o711 if inside else 0o700
+
+
+def secure_runtime_dir(cfg: Any) -> None:
+    """Make the runtime directory with its mode, tighten one left looser (by
+    an older version or by hand), and put the state file, the journal and
+    the event log at 0600 if they exist already. A shared directory (sticky,
+    like /tmp) or one owned by another uid is not changed, only reported."""
+    path = Path(cfg.runtime_dir)
+    mode = runtime_dir_mode(cfg)
+    path.mkdir(mode=mode, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.geteuid() or st.st_mode & stat.S_ISVTX:
+        log.warning("runtime directory %s is shared or not ours (mode %o, uid %d): left as it is; "
+                    "use a directory of its own, e.g. /run/agentcg", path, stat.S_IMODE(st.st_mode), st.st_uid)
+    elif stat.S_IMODE(st.st_mode) != mode:
+        log.info("runtime directory %s: mode %o -> %o", path, stat.S_IMODE(st.st_mode), mode)
+        os.chmod(path, mode)
+    for name in (cfg.state_file, journal_path(cfg.state_file), cfg.event_log_file):
+        make_private(name)
 
 
 def _peer(writer: asyncio.StreamWriter, conn: int) -> Peer:

@@ -28,7 +28,8 @@ from agentcg.core.model import SESSION_NAME_RE, CallStats, Limits
 
 from .hooks import Hooks
 from .restart import RESTORED_CALL_GRACE_S, end_logged, kept_results
-from .state import CallRecord, Journal, SessionRecord, load_state, state_json, write_atomic
+from .state import (CallRecord, Journal, SessionRecord, load_state, open_private, state_json,
+                    write_atomic)
 
 log = logging.getLogger("agentcg.daemon")
 
@@ -55,8 +56,11 @@ class Peer:
 
 def check_pid(pid: Any, peer: Peer, *, child_only: bool, own_pid: int) -> None:
     """The pid rule: a non-root caller may only place its own processes
-    (real and effective uid equal to the caller's), and for a tool call only
-    itself or its direct child. Root may place any process but the daemon."""
+    (real, effective, saved and filesystem uid all the caller's: a setuid
+    program that dropped its privileges for a while keeps root as its saved
+    uid and is not the caller's to freeze or kill through a cgroup), and for
+    a tool call only itself or its direct child. Root may place any process
+    but the daemon."""
     if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
         raise p.ProtocolError(p.E_BAD_REQUEST, f"pid: {pid!r} is not a process id")
     if pid == own_pid:
@@ -67,7 +71,7 @@ def check_pid(pid: Any, peer: Peer, *, child_only: bool, own_pid: int) -> None:
     if peer.root:
         return
     uids = st.get("Uid", "").split()
-    if len(uids) < 2 or int(uids[0]) != peer.uid or int(uids[1]) != peer.uid:
+    if len(uids) != 4 or any(int(u) != peer.uid for u in uids):
         raise p.ProtocolError(p.E_BAD_PID, f"pid: {pid} does not belong to uid {peer.uid}")
     if child_only and pid != peer.pid and int(st.get("PPid", "-1")) != peer.pid:
         raise p.ProtocolError(p.E_BAD_PID,
@@ -242,7 +246,8 @@ class Daemon:
         event = {"time": time.time(), **event}
         try:
             if self._log_f is None:
-                self._log_f = open(self.cfg.event_log_file, "a", buffering=1)
+                self._log_f = os.fdopen(open_private(self.cfg.event_log_file, os.O_WRONLY | os.O_APPEND),
+                                        "a", buffering=1)
             self._log_f.write(json.dumps(event, separators=(",", ":")) + "\n")
         except OSError as exc:
             log.error("cannot append to event log %s: %s", self.cfg.event_log_file, exc)

@@ -105,11 +105,43 @@ def state_json(root: str, sessions: dict[str, SessionRecord],
                       separators=(",", ":"))
 
 
+# the state file, its journal and the event log name every uid's sessions,
+# calls and command lines: root only (the socket filters what each uid sees)
+PRIVATE_FILE_MODE = 0o600
+
+
+def open_private(path: str | Path, flags: int) -> int:
+    """os.open(path, flags | O_CREAT) with mode 0600 from the start (the umask
+    can only take bits away from it) and put right if the file existed with
+    another mode (left by an older version)."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, PRIVATE_FILE_MODE)
+    try:
+        if os.fstat(fd).st_mode & 0o777 != PRIVATE_FILE_MODE:
+            os.fchmod(fd, PRIVATE_FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def make_private(path: str | Path) -> bool:
+    """Mode 0600 on an existing file; False if there is none."""
+    try:
+        os.close(open_private(path, os.O_RDONLY))
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def write_atomic(path: str | Path, text: str) -> None:
-    """Write to a temporary file next to `path`, then rename it over `path`."""
+    """Write to a temporary file next to `path` (created 0600), then rename it over `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
+    try:
+        os.unlink(tmp)      # a stale one from a crash, whatever its mode
+    except FileNotFoundError:
+        pass
+    with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_EXCL), "w") as f:
         f.write(text)
     os.replace(tmp, path)
 
@@ -131,7 +163,7 @@ class Journal:
         """One JSON line in one write(2) (O_APPEND: a crash never leaves half
         a line in the middle; a torn last line is skipped on replay)."""
         if self.fd is None:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self.fd = open_private(self.path, os.O_WRONLY | os.O_APPEND)
         os.write(self.fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
         self.lines += 1
 

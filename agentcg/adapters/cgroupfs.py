@@ -32,6 +32,8 @@ GONE_ERRNOS = (errno.ENOENT, errno.ENODEV)
 STAT_FILES = ("cgroup.events", "cgroup.procs", "cpu.stat", "memory.peak", "memory.current", "memory.events",
               "pids.peak", "pids.events", "io.stat")
 MANAGED_CONTROLLERS = ("cpu", "memory", "pids", "io")
+# the tree is root's: only the daemon writes limits and moves processes
+CGROUP_DIR_MODE = 0o755
 
 log = logging.getLogger("agentcg.cgroupfs")
 
@@ -263,9 +265,13 @@ class CgroupFs:
         return {"applied": applied, "skipped": skipped}
 
     def create(self, rel: str) -> Path:
+        """mkdir the cgroup 0755 whatever the daemon's umask (which can only
+        take bits away): a group- or world-writable cgroup directory would let
+        any uid make cgroups inside sessions and calls (and keep them from
+        being removed). Its files are the kernel's, root's and 0644 or stricter."""
         p = self.path(rel)
         try:
-            p.mkdir()
+            p.mkdir(mode=CGROUP_DIR_MODE)
         except FileExistsError:
             pass
         return p

@@ -198,3 +198,45 @@ def test_events_follow_streams_new_calls(daemon_env):
     finally:
         follower.send_signal(signal.SIGTERM)
         follower.wait(10)
+
+
+def _cgroup_of(pid: int) -> str:
+    return next(line[3:].strip() for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+                if line.startswith("0::"))
+
+
+def test_session_create_attach_and_session_attach_move_the_agent(daemon_env):
+    env, root = daemon_env
+    agents = [subprocess.Popen(["sleep", "120"]) for _ in range(2)]
+    try:
+        res = run(env, "session", "create", "auto", "--attach", str(agents[0].pid), "--json")
+        assert res.returncode == 0, res.stderr
+        info = json.loads(res.stdout)
+        assert info["attached"] == [{"pid": agents[0].pid, "cgroup": f"{root}/s-auto/agent"}]
+        assert _cgroup_of(agents[0].pid) == f"/{root.name}/s-auto/agent"
+        res = run(env, "session", "attach", "auto", str(agents[1].pid))
+        assert res.returncode == 0, res.stderr
+        assert res.stdout == f"pid {agents[1].pid} attached to session auto ({root}/s-auto/agent)\n"
+        assert _cgroup_of(agents[1].pid) == f"/{root.name}/s-auto/agent"
+        show = json.loads(run(env, "session", "show", "auto", "--json").stdout)
+        assert sorted(show["agent_pids"]) == sorted(a.pid for a in agents)
+        assert run(env, "session", "end", "auto").returncode == 0
+        assert not _cgroup_of(agents[0].pid).startswith(f"/{root.name}/")
+    finally:
+        for a in agents:
+            a.kill()
+            a.wait()
+
+
+def test_session_create_attach_of_a_bad_pid_fails_and_leaves_no_session(daemon_env):
+    env, root = daemon_env
+    st = json.loads(run(env, "status", "--json").stdout)
+    res = run(env, "session", "create", "nope", "--attach", str(st["daemon"]["pid"]))
+    assert res.returncode == 1 and "is the daemon itself [bad_pid]" in res.stderr
+    assert json.loads(run(env, "session", "list", "--json").stdout) == []
+    assert not (root / "s-nope").exists()
+    bad = run(env, "session", "attach", "nosuch", "1")
+    assert bad.returncode == 1 and "not_found" in bad.stderr
+    usage = run(env, "session", "create", "x", "--attach", "0")
+    assert usage.returncode == 2 and "--attach: 0 is not a process id" in usage.stderr
+    assert "Automatic mode" in run(env, "session", "create", "--help").stdout
