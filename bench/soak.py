@@ -355,6 +355,10 @@ def run(spec: SoakSpec) -> dict:
     return result
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description="Many sessions x tool calls per second against one agentcgd: errors, the daemon's "
@@ -371,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.sessions < 1 or args.rate <= 0 or args.duration < args.window or args.window <= 0:
         ap.error("need --sessions >= 1, --rate > 0, --window > 0 and --duration >= --window")
     spec = SoakSpec(args.sessions, args.rate, args.duration, args.window, args.sample, args.warmup)
+    # SIGTERM unwinds like Ctrl-C, so the daemon and its cgroups are removed
+    signal.signal(signal.SIGTERM, _interrupt)
     result = run(spec)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
