@@ -303,14 +303,14 @@ def soak(spec: SoakSpec, socket_path: str, daemon_pid: int) -> dict:
     for t in threads:
         t.start()
     stop.wait(spec.duration_s)
+    sampler.halt.set()   # before the sessions end: the last window is steady state too
+    sampler.join()
     stop.set()
     elapsed_s = time.monotonic() - t0
     for t in threads:
         t.join(60)
         if t.is_alive():
             rec.error(f"{t.name}: still running 60 s after the end")
-    sampler.halt.set()
-    sampler.join()
     sampler.sample()   # after every session ended
     result = summarise(spec, rec, sampler.samples[:-1], elapsed_s)
     _, result["rss_after_bytes"], result["fds_after"] = sampler.samples[-1]
