@@ -253,6 +253,9 @@ class Server:
                 return
             if not line:
                 return
+            if len(line) > self.max_bytes:   # the cap counts the newline; the reader's limit does not
+                await self._send(writer, self._refused(peer, None, p.MessageTooLarge(self.max_bytes)))
+                return
             if not line.endswith(b"\n"):
                 # the stream ended inside a message: say so, and read no further
                 err = p.ProtocolError(p.E_BAD_REQUEST, "stream ended inside a message (no newline)")
