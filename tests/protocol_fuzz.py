@@ -181,14 +181,15 @@ def run(driver: "Driver", n: int, seed: int, daemon_pid: int) -> None:
 class Tally:
     """What a run saw (merged across processes as dicts)."""
     inputs: int = 0
-    lines: int = 0
+    lines: int = 0          # answers owed (inputs that open a followed stream not counted)
     answers: int = 0
+    followed: int = 0       # inputs that opened an events stream with follow: answered once
     codes: Counter = field(default_factory=Counter)
     hangs: int = 0
     violations: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"inputs": self.inputs, "lines": self.lines, "answers": self.answers,
+        return {"inputs": self.inputs, "lines": self.lines, "answers": self.answers, "followed": self.followed,
                 "codes": dict(self.codes), "hangs": self.hangs, "violations": self.violations[:20],
                 "violation_count": len(self.violations)}
 
@@ -252,7 +253,6 @@ class Driver:
         t = self.tally
         t.inputs += 1
         want, _closes = expected_answers(data, self.max_bytes)
-        t.lines += want
         follow = _follows(data)
         answers, buf = 0, b""
         deadline = time.monotonic() + self.deadline_s
@@ -283,8 +283,12 @@ class Driver:
                     answers += self._check(raw, data)
                     if follow and b'"stream":true' in raw:
                         done = True     # a followed stream: answered; it runs until we hang up
+        if follow:
+            t.followed += 1
+            return
+        t.lines += want
         t.answers += answers
-        if not follow and answers != want:
+        if answers != want:
             t.violations.append(f"{answers} answers for {want} lines: {data[:120]!r}")
 
     def _check(self, raw: bytes, data: bytes) -> int:
