@@ -29,7 +29,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -64,7 +63,7 @@ def fuzz_worker(sock: str, n: int, seed: int, pid: int, alive: Any) -> dict[str,
     return driver.tally.to_dict()
 
 
-def atheris_worker(sock: str, runs: int, out: str) -> None:
+def atheris_worker(sock: str, runs: int, out: str, corpus: str) -> None:
     """libFuzzer's byte mutator; never returns (libFuzzer exits the process)."""
     import atheris
     with atheris.instrument_imports():
@@ -81,7 +80,7 @@ def atheris_worker(sock: str, runs: int, out: str) -> None:
         if driver.tally.inputs % ATHERIS_REPORT == 0:
             Path(out).write_text(json.dumps(driver.tally.to_dict()))
 
-    corpus = tempfile.mkdtemp(prefix="agentcg-fuzz-corpus-")
+    os.makedirs(corpus, exist_ok=True)
     for i, msg in enumerate([p.request(1, "status"), p.request(2, "session.show", name="fz-a"),
                              p.request(3, "call.end", session="fz-a", call=1, exit_status=0),
                              p.request(4, "session.create", name="fz-b", intent={"memory": "64M"})]):
@@ -154,6 +153,7 @@ def main() -> int:
     os.chmod(runtime, 0o755)
     log_path = str(runtime / "agentcgd.log")
     sock = str(runtime / "agentcg.sock")
+    commit = source_commit()     # of the code that runs, before anything else is committed
     proc = fz.start_agentcgd(str(root), str(runtime), log_path)
     started = time.monotonic()
     try:
@@ -179,7 +179,8 @@ def main() -> int:
         atheris_note = None
         if args.atheris:
             out = str(runtime / "atheris.json")
-            w = subprocess.run([sys.executable, __file__, "--atheris-worker", sock, str(args.atheris), out],
+            w = subprocess.run([sys.executable, __file__, "--atheris-worker", sock, str(args.atheris), out,
+                                str(runtime / "corpus")],
                                capture_output=True, text=True)
             if Path(out).exists():
                 atheris_tally = json.loads(Path(out).read_text())
@@ -211,11 +212,12 @@ def main() -> int:
         "worker_errors": [t["error"] for t in errors],
         "error_answers": bad,
         "log_lines": len(log_lines),
+        "log_lines_by_level": dict(Counter(ln.split()[1] for ln in log_lines if len(ln.split()) > 1)),
         "log_lines_per_1000_bad_inputs": round(1000 * len(log_lines) / max(1, bad), 3),
         "tracebacks_in_log": sum("Traceback" in ln for ln in log_lines),
         "max_message_bytes": fz.SMALL_MAX_BYTES,
         "wall_s": round(time.monotonic() - started, 1),
-        "commit": source_commit(),
+        "commit": commit,
         "host": {"node": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count(),
                  "python": platform.python_version(), "cgroup2": str(mnt),
                  "hierarchy": hier.to_dict().get("kind")},
@@ -230,5 +232,5 @@ def main() -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--atheris-worker":
-        atheris_worker(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        atheris_worker(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
     sys.exit(main())
