@@ -213,6 +213,9 @@ def main() -> int:
         "error_answers": bad,
         "log_lines": len(log_lines),
         "log_lines_by_level": dict(Counter(ln.split()[1] for ln in log_lines if len(ln.split()) > 1)),
+        # which lines: level, logger and the first words (numbers dropped), most frequent first
+        "log_lines_by_kind": dict(Counter(" ".join(w for w in ln.split()[1:7] if not w.rstrip(":,").isdigit())
+                                          for ln in log_lines).most_common(15)),
         "log_lines_per_1000_bad_inputs": round(1000 * len(log_lines) / max(1, bad), 3),
         "tracebacks_in_log": sum("Traceback" in ln for ln in log_lines),
         "max_message_bytes": fz.SMALL_MAX_BYTES,
