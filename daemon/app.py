@@ -34,6 +34,7 @@ from agentcg.adapters.procfs import set_oom_score_adj
 from agentcg.core.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config_text
 
 from .hooks import Hooks
+from .ratelog import BugLog, LogLimiter
 from .service import Daemon, Peer
 from .state import journal_path, make_private
 
@@ -44,6 +45,11 @@ except ImportError:  # pragma: no cover
 
 log = logging.getLogger("agentcg.daemon")
 REQUIRED_CONTROLLERS = ("cpu", "memory", "pids")
+# a client that hangs up mid-request or before its reply: its business, not an error
+HANGUPS = (ConnectionError, asyncio.IncompleteReadError)
+# errors that say the request was malformed (logged rate-limited, one short line)
+MALFORMED = (p.E_BAD_REQUEST, p.E_TOO_LARGE, p.E_VERSION, p.E_UNKNOWN_OP)
+INTERNAL_MESSAGE = "internal error in agentcgd (logged by the daemon)"
 
 
 class StartupError(Exception):
@@ -208,10 +214,18 @@ async def send_with_fds(writer: asyncio.StreamWriter, data: bytes, fds: list[int
 
 
 class Server:
+    """Serves one connection per client: requests in order, one reply each
+    (an `events` request: a stream). Nothing a client sends may end the
+    daemon, surface an exception's text, or write more than a trickle to the
+    log: malformed requests are logged one short line each, rate-limited per
+    uid; a bug gets its traceback once per site (BugLog)."""
+
     def __init__(self, daemon: Daemon):
         self.daemon = daemon
         self.max_bytes = daemon.cfg.max_message_bytes
         self._conns = itertools.count(1)
+        self.bad_log = LogLimiter(log)
+        self.bugs = BugLog(log)
 
     async def _send(self, writer: asyncio.StreamWriter, msg: dict[str, Any],
                     fds: list[int] | None = None, raw: socket.socket | None = None) -> None:
@@ -227,6 +241,68 @@ class Server:
             writer.write(data)
         await writer.drain()
 
+    def _refused(self, peer: Peer, rid: int | None, exc: p.ProtocolError) -> dict[str, Any]:
+        if exc.code in MALFORMED:
+            self.bad_log.log(logging.INFO, peer.uid, "uid %d pid %d: %s: %s",
+                             peer.uid, peer.pid, exc.code, p.show(exc.message, 120))
+        return p.error_reply(rid, exc.code, exc.message)
+
+    async def _answer(self, writer: asyncio.StreamWriter, msg: dict[str, Any], peer: Peer,
+                      raw: list[socket.socket]) -> None:
+        """Answer one decoded request. `raw`: the connection's socket object
+        for replies that carry fds (made at the first, kept in raw[0])."""
+        rid, op = p.check_request(msg)
+        if op == "events":
+            await self._send(writer, p.ok_reply(rid, stream=True))
+            async for ev in self.daemon.stream_events(msg, peer):
+                await self._send(writer, p.event_message(rid, ev))
+            await self._send(writer, p.end_message(rid))
+            return
+        reply = await self.daemon.handle(msg, peer)
+        fds = reply.pop("_fds", None)
+        if not fds:
+            await self._send(writer, reply)
+            return
+        try:
+            if not raw:
+                raw.append(socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno())))
+            await self._send(writer, reply, fds, raw[0])
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer,
+                     raw: list[socket.socket]) -> None:
+        while True:
+            try:
+                line = await reader.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                await self._send(writer, self._refused(peer, None, p.MessageTooLarge(self.max_bytes)))
+                return
+            if not line:
+                return
+            if len(line) > self.max_bytes:   # the cap counts the newline; the reader's limit does not
+                await self._send(writer, self._refused(peer, None, p.MessageTooLarge(self.max_bytes)))
+                return
+            if not line.endswith(b"\n"):
+                # the stream ended inside a message: say so, and read no further
+                err = p.ProtocolError(p.E_BAD_REQUEST, "stream ended inside a message (no newline)")
+                await self._send(writer, self._refused(peer, None, err))
+                return
+            msg: Any = None
+            try:
+                msg = p.decode(line)
+                await self._answer(writer, msg, peer, raw)
+                continue
+            except HANGUPS:
+                raise
+            except p.ProtocolError as exc:
+                reply = self._refused(peer, p.reply_id(msg), exc)
+            except Exception as exc:  # a bug must not kill the daemon, nor show the client its text
+                self.bugs.report(f"uid {peer.uid} pid {peer.pid}: request failed", exc)
+                reply = p.error_reply(p.reply_id(msg), p.E_INTERNAL, INTERNAL_MESSAGE)
+            await self._send(writer, reply)
+
     async def client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = next(self._conns)
         try:
@@ -234,50 +310,17 @@ class Server:
         except OSError:
             writer.close()
             return
-        raw: socket.socket | None = None   # for replies that carry fds, made at the first
+        raw: list[socket.socket] = []
         try:
-            while True:
-                try:
-                    line = await reader.readline()
-                except (ValueError, asyncio.LimitOverrunError):
-                    await self._send(writer, p.error_reply(None, p.E_TOO_LARGE,
-                                                           f"message longer than {self.max_bytes} bytes"))
-                    break
-                if not line:
-                    break
-                rid = None
-                try:
-                    msg = p.decode(line)
-                    rid, op = p.check_request(msg)
-                    if op == "events":
-                        await self._send(writer, p.ok_reply(rid, stream=True))
-                        async for ev in self.daemon.stream_events(msg, peer):
-                            await self._send(writer, p.event_message(rid, ev))
-                        await self._send(writer, p.end_message(rid))
-                        continue
-                    reply = await self.daemon.handle(msg, peer)
-                    fds = reply.pop("_fds", None)
-                    if fds:
-                        try:
-                            if raw is None:
-                                raw = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
-                            await self._send(writer, reply, fds, raw)
-                        finally:
-                            for fd in fds:
-                                os.close(fd)
-                        continue
-                except p.ProtocolError as exc:
-                    reply = p.error_reply(rid, exc.code, exc.message)
-                except Exception as exc:  # a bug must not kill the daemon
-                    log.exception("request failed")
-                    reply = p.error_reply(rid, p.E_INTERNAL, f"{type(exc).__name__}: {exc}")
-                await self._send(writer, reply)
-        except (ConnectionError, BrokenPipeError):
-            pass
+            await self._serve(reader, writer, peer, raw)
+        except HANGUPS as exc:
+            log.debug("uid %d pid %d hung up: %s", peer.uid, peer.pid, type(exc).__name__)
+        except Exception as exc:  # in the reply path itself
+            self.bugs.report(f"uid {peer.uid} pid {peer.pid}: connection failed", exc)
         finally:
             self.daemon.connection_closed(conn)
-            if raw is not None:
-                raw.close()
+            for sock in raw:
+                sock.close()
             try:
                 writer.close()
             except Exception:

@@ -659,10 +659,13 @@ class Daemon:
     async def op_call_end(self, msg: dict[str, Any], peer: Peer) -> dict[str, Any]:
         name = msg.get("session")
         n = msg.get("call")
+        if not isinstance(name, str):
+            raise p.ProtocolError(p.E_BAD_REQUEST, f"session: {p.show(name)} is not a session name")
         if isinstance(n, bool) or not isinstance(n, int):
-            raise p.ProtocolError(p.E_BAD_REQUEST, f"call: {n!r} is not a call number")
+            raise p.ProtocolError(p.E_BAD_REQUEST, f"call: {p.show(n)} is not a call number")
+        # the name is a string before it is a key: a list or dict is unhashable
         done = self.finished.get((name, n))
-        s = self.sessions.get(name) if isinstance(name, str) else None
+        s = self.sessions.get(name)
         if done is not None and (s is None or n not in s.calls):
             if not peer.root and done.get("uid") != peer.uid:
                 raise p.ProtocolError(p.E_FORBIDDEN, f"session: {name!r} belongs to another user")
