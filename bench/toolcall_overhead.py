@@ -195,10 +195,10 @@ class Daemon:
         self.request_ns["spawn"] = []
         plain_spawn = _clone.spawn
 
-        def timed_spawn(prep, cgroup_fd):
+        def timed_spawn(prep, cgroup_fd, *args, **kwargs):
             t0 = time.perf_counter_ns()
             try:
-                proc = plain_spawn(prep, cgroup_fd)
+                proc = plain_spawn(prep, cgroup_fd, *args, **kwargs)
             finally:
                 if self.timing:
                     self.request_ns["spawn"].append(time.perf_counter_ns() - t0)
