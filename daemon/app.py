@@ -5,10 +5,12 @@
 
 Start-up: load the config (the file is optional), check the cgroup hierarchy
 (refuse hybrid/v1 hosts unless daemon.require_controllers = false), choose
-the root (the delegated service cgroup under systemd, else
-daemon.cgroup_root), move itself into <root>/daemon, enable the controllers
-for the children, rebuild state from state.json + the tree, then listen on
-the Unix socket and tell systemd READY=1.
+the root (under systemd the delegated cgroup of the tree unit,
+agentcg-tree.service, whose holder process moves into <root>/holder, or
+without it the daemon's own service cgroup; else daemon.cgroup_root), move
+itself into <root>/daemon unless the tree is the tree unit's, enable the
+controllers for the children, rebuild state from state.json + the tree, then
+listen on the Unix socket and tell systemd READY=1.
 
 SIGTERM/SIGINT: stop listening, write state, leave sessions and running tool
 calls alone (they are accounted by the next start) unless --teardown.
@@ -37,6 +39,7 @@ from .hooks import Hooks
 from .ratelog import BugLog, LogLimiter
 from .service import Daemon, Peer
 from .state import journal_path, make_private
+from .systemd_tree import find_tree_root, move_holder
 
 try:  # sd_notify; a no-op outside systemd
     from . import notify as _notify
@@ -114,6 +117,9 @@ def prepare(config: Config, environ: dict[str, str] | None = None) -> Daemon:
     if info.cgroup2_mount is None:
         raise StartupError(refusal or "no cgroup2 mount")
     root, systemd = choose_root(config, environ, pid_cgroup("self"), info.cgroup2_mount)
+    # the tree unit's cgroup, never restarted with the daemon (daemon/systemd_tree.py)
+    tree_unit = find_tree_root(cfg.systemd_tree_unit, root, info.cgroup2_mount) if systemd else None
+    root = tree_unit or root
     mount = mount_of(root) if Path(root).parent.exists() else None
     if mount is None:
         raise StartupError(f"daemon.cgroup_root: {root!r} is not inside a cgroup2 mount "
@@ -125,8 +131,11 @@ def prepare(config: Config, environ: dict[str, str] | None = None) -> Daemon:
     cgfs.create("")
     if not systemd:
         cgfs.enable_down_to_root(mount, cfg.controllers)
-    cgfs.create("daemon")
-    cgfs.place("daemon", os.getpid())
+    if tree_unit:
+        move_holder(cgfs)   # the daemon stays in its own unit (CPUWeight= there)
+    else:
+        cgfs.create("daemon")
+        cgfs.place("daemon", os.getpid())
     # its own leaf is inside the budget: agents (-900) and calls (+500) must
     # not leave the daemon as the OOM killer's largest candidate
     if os.geteuid() == 0:
@@ -136,7 +145,7 @@ def prepare(config: Config, environ: dict[str, str] | None = None) -> Daemon:
     except OSError as exc:
         log.warning("cannot enable controllers %s in %s: %s", cfg.controllers, root, exc)
         daemon.enabled_controllers = cgfs.subtree_control("")
-    if "cpu" in daemon.enabled_controllers:
+    if "cpu" in daemon.enabled_controllers and not tree_unit:
         # the controller must get the CPU when the calls it controls take all of it
         try:
             cgfs.write("daemon", "cpu.weight", str(cfg.cpu_weight), "daemon.cpu_weight")
@@ -148,7 +157,8 @@ def prepare(config: Config, environ: dict[str, str] | None = None) -> Daemon:
                            "(Delegate=yes) and are they enabled in its parent?")
     secure_runtime_dir(cfg)
     daemon.restore()
-    log.info("cgroup root %s (%s), controllers %s", root, "systemd delegation" if systemd else "configured",
+    how = f"systemd delegation, {cfg.systemd_tree_unit}" if tree_unit else "systemd delegation"
+    log.info("cgroup root %s (%s), controllers %s", root, how if systemd else "configured",
              " ".join(sorted(daemon.enabled_controllers)) or "none")
     return daemon
 

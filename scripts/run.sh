@@ -2,7 +2,8 @@
 # The main job: set up, then run agentcgd.
 # - On a host with cgroup v2 controllers (and root): agentcgd in the
 #   foreground on /sys/fs/cgroup/agentcg (Ctrl-C stops it; agents keep
-#   running). For a service install see README (systemd/agentcgd.service).
+#   running). For a service install see README (systemd/agentcgd.service and
+#   systemd/agentcg-tree.service, which holds the tree).
 # - On a hybrid/v1 host (agentcgd refuses to start there, and says why): the
 #   same daemon in the kernel lab (../shared/kernlab), driven by scripts/demo.sh.
 set -uo pipefail

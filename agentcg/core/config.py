@@ -50,6 +50,10 @@ class DaemonConfig:
     straggler_policy: str = "kill"
     straggler_grace_ms: int = 1000
     use_systemd_cgroup: bool = True
+    # Under systemd, the unit whose delegated cgroup holds the tree (a sibling
+    # of the daemon's own unit, never restarted with it); "" or absent: the
+    # daemon's own unit cgroup, whose restart fails on systemd < 254.
+    systemd_tree_unit: str = "agentcg-tree.service"
     watch_interval_ms: int = 500
     finished_keep: int = 1024
     log_level: str = "info"
@@ -62,8 +66,10 @@ class DaemonConfig:
     call_oom_priority_step: int = 40  # added per priority level below the highest (10)
     call_oom_group: bool = True
     # cpu.weight of the daemon's own cgroup (<root>/daemon, a sibling of the
-    # sessions), 1..10000. The daemon has to act exactly when tool calls keep
-    # every CPU busy; with the default 100 it would wait behind them. It
+    # sessions), 1..10000. (Under systemd with the tree unit the daemon stays
+    # in its own unit's cgroup, and the unit's CPUWeight= does this.) The
+    # daemon has to act exactly when tool calls keep every CPU busy; with the
+    # default 100 it would wait behind them. It
     # sleeps otherwise, so a high weight costs the calls nothing.
     cpu_weight: int = 10000
 
@@ -129,7 +135,8 @@ _DAEMON_KEYS = {
     "cgroup_root": str, "runtime_dir": str, "socket_path": str, "socket_mode": int,
     "state_path": str, "event_log": str, "max_message_bytes": "size",
     "require_controllers": bool, "controllers": list, "straggler_policy": str,
-    "straggler_grace_ms": int, "use_systemd_cgroup": bool, "watch_interval_ms": int,
+    "straggler_grace_ms": int, "use_systemd_cgroup": bool,
+    "systemd_tree_unit": str, "watch_interval_ms": int,
     "finished_keep": int, "log_level": str, "oom_score_adj": "adj", "agent_oom_score_adj": "adj", "call_oom_score_adj": "adj", "call_oom_priority_step": int,
     "call_oom_group": bool, "cpu_weight": "weight",
 }
@@ -287,6 +294,9 @@ def _daemon(tbl: Any) -> DaemonConfig:
     for key in ("cgroup_root", "runtime_dir"):
         if key in kw and not kw[key].startswith("/"):
             raise ConfigError(f"daemon.{key}", kw[key], "is not an absolute path")
+    unit = kw.get("systemd_tree_unit", "")
+    if unit and ("/" in unit or not unit.endswith(".service")):
+        raise ConfigError("daemon.systemd_tree_unit", unit, 'is not a service name (e.g. agentcg-tree.service) or ""')
     return DaemonConfig(**kw)
 
 

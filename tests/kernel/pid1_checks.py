@@ -1,7 +1,8 @@
-"""Checks of systemd/agentcgd.service run INSIDE a container booted with
-systemd as PID 1 (started by test_systemd_pid1_kernlab.py through
-systemd-nspawn --boot). Installs the real unit with a drop-in naming this
-checkout's agentcgd, drives it with systemctl and the real client, and writes
+"""Checks of systemd/agentcgd.service and systemd/agentcg-tree.service run
+INSIDE a container booted with systemd as PID 1 (started by
+test_systemd_pid1_kernlab.py through systemd-nspawn --boot). Installs the real
+units with a drop-in naming this checkout's agentcgd, drives them with
+systemctl and the real client, and writes
 what it saw to a JSON file (rewritten after every step, so a hang still
 leaves the steps before it); the outer test asserts on that file.
 
@@ -30,8 +31,8 @@ def sh(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=120)
 
 
-def show() -> dict[str, str]:
-    r = sh("systemctl", "show", "agentcgd", "-p",
+def show(unit: str = "agentcgd") -> dict[str, str]:
+    r = sh("systemctl", "show", unit, "-p",
            "ActiveState,SubState,StatusText,MainPID,NRestarts,ControlGroup,Result")
     return dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
 
@@ -49,10 +50,20 @@ def cgroup_of(pid: int) -> str:
     return ""
 
 
+def cgroup_dir(rel: str) -> Path:
+    return Path("/sys/fs/cgroup") / rel.lstrip("/")
+
+
+def children(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+
+
 def install_unit(repo: Path) -> str:
-    """The unit as shipped, plus a drop-in: this checkout's console script, and
-    its interpreter kept visible where ProtectHome= would hide it."""
-    shutil.copy(repo / "systemd" / "agentcgd.service", UNIT_DIR / "agentcgd.service")
+    """The units as shipped, plus a drop-in for agentcgd: this checkout's
+    console script, and its interpreter kept visible where ProtectHome= would
+    hide it."""
+    for name in ("agentcgd.service", "agentcg-tree.service"):
+        shutil.copy(repo / "systemd" / name, UNIT_DIR / name)
     exe = repo / ".venv" / "bin" / "agentcgd"
     lines = ["[Service]", "ExecStart=", f"ExecStart={exe}", f"WatchdogSec={WATCHDOG_S}s",
              "Environment=PYTHONDONTWRITEBYTECODE=1"]
@@ -111,24 +122,28 @@ def run(repo: Path, steps: Steps) -> None:
     steps.record("start", rc=r.returncode, stderr=r.stderr, seconds=round(start_s, 2), show=state,
                  served_at_once=served, status_daemon=status.get("daemon"))
 
-    # Delegate=yes: the daemon in .../agentcgd.service/daemon, the tree beside it
+    # Delegate=yes on the tree unit: the tree in agentcg-tree.service, the daemon alone in its own unit
     pid = int(state["MainPID"])
     session = client.session("pid1")
     gate = repo / ".pid1-gate"
     gate.unlink(missing_ok=True)
     call = session.tool_call("gated").popen(["sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.2; done; exit 3"])
-    unit_cg = Path("/sys/fs/cgroup") / state["ControlGroup"].lstrip("/")
+    tree = show("agentcg-tree")
+    tree_cg = cgroup_dir(tree["ControlGroup"])
     steps.record("delegate", control_group=state["ControlGroup"], daemon_cgroup=cgroup_of(pid),
-                 call_cgroup=cgroup_of(call.pid), call_reply_cgroup=call.cgroup,
-                 unit_children=sorted(p.name for p in unit_cg.iterdir() if p.is_dir()),
-                 session_children=sorted(p.name for p in (unit_cg / "s-pid1").iterdir() if p.is_dir()))
+                 tree=tree, call_cgroup=cgroup_of(call.pid), call_reply_cgroup=call.cgroup,
+                 unit_children=children(cgroup_dir(state["ControlGroup"])), tree_children=children(tree_cg),
+                 holder_procs=(tree_cg / "holder" / "cgroup.procs").read_text().split(),
+                 tree_subtree_control=(tree_cg / "cgroup.subtree_control").read_text().split(),
+                 session_children=children(tree_cg / "s-pid1"), status_root=client.status()["daemon"]["cgroup_root"])
 
     # restart: the session and the running call stay, and the call is accounted
     r = sh("systemctl", "restart", "agentcgd")
     after = show()
     alive = call.proc.poll() is None
     restart: dict[str, Any] = dict(rc=r.returncode, stderr=r.stderr, show=after, old_pid=pid,
-                                   call_alive_after_restart=alive, call_number=call.number)
+                                   call_alive_after_restart=alive, call_number=call.number,
+                                   tree_after=show("agentcg-tree"))
     if after.get("ActiveState") == "active":
         restart["sessions_after_restart"] = [s["name"] for s in client.sessions()]
         gate.touch()
@@ -163,11 +178,36 @@ def run(repo: Path, steps: Steps) -> None:
         pass
     steps.record("watchdog", restarted=ok, seconds=round(time.monotonic() - t, 1), before=before, after=wd,
                  hung_pid=hung, hung_pid_gone=not Path(f"/proc/{hung}").exists(), session_kept=served,
-                 journal_tail=journal())
+                 tree_after=show("agentcg-tree"), journal_tail=journal())
 
-    session.end()
+    # clean stop and start: the tree unit and a running call stay, the call is accounted after the start
+    call = session.tool_call("across-stop").popen(["sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.2; done; exit 4"])
     r = sh("systemctl", "stop", "agentcgd")
-    steps.record("stop", rc=r.returncode, show=show(), total_s=round(time.monotonic() - t0, 1))
+    stopped = show()
+    stop: dict[str, Any] = dict(rc=r.returncode, show=stopped, tree=show("agentcg-tree"),
+                                call_alive=call.proc.poll() is None,
+                                call_cgroup_kept=(tree_cg / "s-pid1" / f"c-{call.number}").is_dir())
+    r = sh("systemctl", "start", "agentcgd")
+    stop.update(start_rc=r.returncode, start_show=show())
+    gate.touch()
+    if stop["start_show"].get("ActiveState") == "active":
+        result = call.wait()
+        stop.update(exit_status=result.exit_status, wall_ns=result.stats.get("wall_ns"))
+    else:
+        call.proc.wait(60)
+        stop["journal_tail"] = journal()
+    gate.unlink(missing_ok=True)
+    steps.record("stop", **stop)
+
+    # teardown: stopping the tree unit stops the daemon (BindsTo=) and kills what the tree holds
+    sleeper = session.tool_call("sleeper").popen(["sleep", "600"])
+    r = sh("systemctl", "stop", "agentcg-tree")
+    try:
+        code = sleeper.proc.wait(60)
+    except subprocess.TimeoutExpired:
+        code = None
+    steps.record("teardown", rc=r.returncode, tree=show("agentcg-tree"), daemon=show(), sleeper_returncode=code,
+                 tree_cgroup_gone=not tree_cg.exists(), total_s=round(time.monotonic() - t0, 1))
 
 
 def main() -> int:
