@@ -80,7 +80,10 @@ class EngineError(ValueError):
 
 
 class Engine:
-    def __init__(self, cfg: EngineConfig, progress: Callable[[str], None] | None = None) -> None:
+    def __init__(self, cfg: EngineConfig, progress: Callable[[str], None] | None = None,
+                 model: Llama | None = None) -> None:
+        """model: weights already loaded (shared with another engine, read only) instead of
+        loading cfg.model; it must be on this engine's device, in its dtype."""
         self.cfg = cfg
         say = progress or (lambda msg: None)
         if cfg.block_size <= 0:
@@ -91,9 +94,14 @@ class Engine:
             raise EngineError(f"preempt_mode must be swap, recompute or unset, got {cfg.preempt_mode!r}")
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
-        say(f"loading model {cfg.model} on {self.device} ({str(self.dtype).replace('torch.', '')})")
         t0 = time.monotonic()
-        self.model = Llama.load(cfg.model, self.device, self.dtype, cfg.seed, say)
+        if model is None:
+            say(f"loading model {cfg.model} on {self.device} ({str(self.dtype).replace('torch.', '')})")
+            model = Llama.load(cfg.model, self.device, self.dtype, cfg.seed, say)
+        elif model.device != self.device or model.dtype != self.dtype:
+            raise EngineError(f"shared model is on {model.device} in {model.dtype}; this engine is "
+                              f"{self.device} in {self.dtype}")
+        self.model = model
         shape = self.model.shape
         self.model_name = shape.name if shape.name else cfg.model
         self.tokenizer = load_tokenizer(None if cfg.model == shape.name else cfg.model,
