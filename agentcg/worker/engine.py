@@ -141,6 +141,8 @@ class Engine:
         self.counters = {"prefilled_tokens": 0, "reused_tokens": 0, "decoded_tokens": 0, "steps": 0,
                          "evicted_sessions": 0, "dropped_sessions": 0}
         self.log: list[str] = []       # recent decisions with their reasons
+        # seconds, for suspend ttl_s deadlines; a replay with its own time base replaces it
+        self.clock: Callable[[], float] = time.monotonic
         say("engine ready")
 
     # ------------------------------------------------------------- measuring
@@ -290,7 +292,7 @@ class Engine:
                                                              last_used=self.sched.tick)
 
     def _expire_sessions(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for sid, ctx in list(self.sched.sessions.items()):
             if ctx.expires_at_s is not None and now >= ctx.expires_at_s:
                 self.bm.free(ctx.owner)
@@ -324,7 +326,7 @@ class Engine:
             self.counters["dropped_sessions"] += 1
             return result | {"where": "none"}
         ctx.keep = mode == "keep"
-        ctx.expires_at_s = time.monotonic() + ttl_s if ttl_s is not None else None
+        ctx.expires_at_s = self.clock() + ttl_s if ttl_s is not None else None
         if mode == "swap" and t.where == GPU:
             if not self.bm.can_swap_out(ctx.owner):
                 raise EngineError(f"session {session_id!r}: host pool has {self.bm.num_free_host} free blocks, "

@@ -91,3 +91,20 @@ def test_engine_shares_a_loaded_model(engine):
     with pytest.raises(EngineError, match="shared model"):
         Engine(EngineConfig(model="tiny", device="cpu", dtype="float64", gpu_blocks=64, measure=False),
                model=engine.model)
+
+
+def test_suspend_ttl_runs_on_the_engine_clock():
+    """A suspended context with ttl_s is dropped by the first step at or after
+    its deadline on engine.clock, not before."""
+    e = Engine(EngineConfig(model="tiny", device="cpu", gpu_blocks=64, measure=False))
+    now = [100.0]
+    e.clock = lambda: now[0]
+    e.add_request(Request("t1", [(5 * j) % 250 for j in range(30)], max_tokens=3, session_id="s"))
+    run_all(e)
+    e.suspend("s", "keep", ttl_s=5.0)
+    now[0] = 104.9
+    e.step()
+    assert "s" in e.stats()["sessions"]
+    now[0] = 105.0
+    e.step()
+    assert "s" not in e.stats()["sessions"] and e.counters["dropped_sessions"] == 1
