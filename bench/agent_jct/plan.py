@@ -55,10 +55,10 @@ class AgentPlan:
 
 @dataclass(frozen=True)
 class PlanConfig:
-    agents: int = 6
-    max_turns: int = 10           # LLM turns per agent (tool calls = turns - 1)
-    system_tokens: int = 256
-    result_tokens: int = 96       # mean tool-result size
+    agents: int = 8
+    max_turns: int = 12           # LLM turns per agent (tool calls = turns - 1)
+    system_tokens: int = 512
+    result_tokens: int = 192      # mean tool-result size
     glue_tokens: int = 8
     answer_tokens: int = 16
     speedup: float = 20.0

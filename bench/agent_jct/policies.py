@@ -12,7 +12,7 @@ otherwise the engine's cost model chooses swap or drop).
 | recompute | none: blocks freed when a turn ends | - | - | drop |
 | lru | kept until evicted | - | - | drop (LRU) |
 | infercept | kept | discard / preserve / swap, least waste for the declared duration | - (swap-in when the next request arrives) | cost model |
-| continuum | kept | keep, ttl_s = predicted duration (p75 of the command's history) | - | drop |
+| continuum | kept | keep, ttl_s = predicted gap to the next request (p75 of the command's history + request gap) | - | drop |
 | agentcg | kept | core.kv_placement.place() with the durations estimate | resume (prefetch) | cost model |
 | resident | kept, pool holds everything | - | - | (none happens) |
 """
@@ -41,6 +41,7 @@ class Env:
     rng: random.Random
     speedup: float
     clock: WallClock | CpuTimeClock
+    request_gap_s: float = 0.0           # tool call end -> the agent's next request
     decisions: Counter = field(default_factory=Counter)
 
     def suspend(self, session: str, mode: str, ttl_s: float | None = None) -> None:
@@ -124,7 +125,8 @@ class Continuum(Policy):
 
     def on_call_start(self, env: Env, agent: AgentPlan, call: ToolCall) -> None:
         est = env.durations.estimate(agent.name, call.command)
-        env.suspend(agent.name, "keep", ttl_s=est.p75_s)
+        # the engine sees the gap between two requests: the call and the client's turnaround
+        env.suspend(agent.name, "keep", ttl_s=est.p75_s + env.request_gap_s)
 
 
 class Agentcg(Policy):

@@ -93,7 +93,7 @@ def run_policy(engine: Engine, policy: Policy, plans: list[AgentPlan], *, histor
     durations = Durations(default_s=Durations().default_s / speedup)
     for cmd, d in history:
         durations.record("host-history", cmd, d)
-    env = Env(engine, durations, random.Random(seed), speedup, clock)
+    env = Env(engine, durations, random.Random(seed), speedup, clock, request_gap_s)
     engine.clock = clock.now
     agents = [Agent(p) for p in plans]
     by_request: dict[str, Agent] = {}
