@@ -5,7 +5,9 @@ run, over one copy of the model's weights, on the same agent plans.
     python -m bench.agent_jct                                   # CPU, tiny shape
     python -m bench.agent_jct --preset gpu --max-seconds 540    # GPU, llama3-8b shape
 
-Writes bench/results/agent_jct.json (or --out). See bench/README.md.
+Writes bench/results/agent_jct.json (agent_jct-gpu.json for the gpu preset,
+or --out). gpu_run(max_seconds) is the GPU run for a suite script. See
+bench/README.md.
 """
 from __future__ import annotations
 
@@ -206,7 +208,8 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path]:
     ap.add_argument("--clock", choices=("auto", "wall", "cpu"),
                     help="time base: wall, or cpu (this thread's CPU time, idle skipped); auto: cpu on CPU, wall on CUDA")
     ap.add_argument("--traces", help=f"trace directory (default {DEFAULT_TRACES})")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "agent_jct.json")
+    ap.add_argument("--out", type=Path, help="result file (default bench/results/agent_jct.json, "
+                                             "agent_jct-gpu.json for --preset gpu)")
     a = ap.parse_args(argv)
     o = PRESETS[a.preset]
     pl = {k: v for k, v in {"agents": a.agents, "max_turns": a.max_turns, "system_tokens": a.system_tokens,
@@ -220,7 +223,8 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path]:
     if "pool_frac" in top and not 0 < top["pool_frac"] <= 1:
         ap.error(f"--pool-frac: expected 0 < x <= 1, got {top['pool_frac']}")
     try:
-        return replace(o, plan=replace(o.plan, **pl), **top), a.out
+        out = a.out or REPO / "bench" / "results" / ("agent_jct-gpu.json" if a.preset == "gpu" else "agent_jct.json")
+        return replace(o, plan=replace(o.plan, **pl), **top), out
     except ValueError as e:
         ap.error(str(e))
         raise
