@@ -80,7 +80,10 @@ class EngineError(ValueError):
 
 
 class Engine:
-    def __init__(self, cfg: EngineConfig, progress: Callable[[str], None] | None = None) -> None:
+    def __init__(self, cfg: EngineConfig, progress: Callable[[str], None] | None = None,
+                 model: Llama | None = None) -> None:
+        """model: weights already loaded (shared with another engine, read only) instead of
+        loading cfg.model; it must be on this engine's device, in its dtype."""
         self.cfg = cfg
         say = progress or (lambda msg: None)
         if cfg.block_size <= 0:
@@ -91,9 +94,14 @@ class Engine:
             raise EngineError(f"preempt_mode must be swap, recompute or unset, got {cfg.preempt_mode!r}")
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
-        say(f"loading model {cfg.model} on {self.device} ({str(self.dtype).replace('torch.', '')})")
         t0 = time.monotonic()
-        self.model = Llama.load(cfg.model, self.device, self.dtype, cfg.seed, say)
+        if model is None:
+            say(f"loading model {cfg.model} on {self.device} ({str(self.dtype).replace('torch.', '')})")
+            model = Llama.load(cfg.model, self.device, self.dtype, cfg.seed, say)
+        elif model.device != self.device or model.dtype != self.dtype:
+            raise EngineError(f"shared model is on {model.device} in {model.dtype}; this engine is "
+                              f"{self.device} in {self.dtype}")
+        self.model = model
         shape = self.model.shape
         self.model_name = shape.name if shape.name else cfg.model
         self.tokenizer = load_tokenizer(None if cfg.model == shape.name else cfg.model,
@@ -133,6 +141,8 @@ class Engine:
         self.counters = {"prefilled_tokens": 0, "reused_tokens": 0, "decoded_tokens": 0, "steps": 0,
                          "evicted_sessions": 0, "dropped_sessions": 0}
         self.log: list[str] = []       # recent decisions with their reasons
+        # seconds, for suspend ttl_s deadlines; a replay with its own time base replaces it
+        self.clock: Callable[[], float] = time.monotonic
         say("engine ready")
 
     # ------------------------------------------------------------- measuring
@@ -282,7 +292,7 @@ class Engine:
                                                              last_used=self.sched.tick)
 
     def _expire_sessions(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for sid, ctx in list(self.sched.sessions.items()):
             if ctx.expires_at_s is not None and now >= ctx.expires_at_s:
                 self.bm.free(ctx.owner)
@@ -316,7 +326,7 @@ class Engine:
             self.counters["dropped_sessions"] += 1
             return result | {"where": "none"}
         ctx.keep = mode == "keep"
-        ctx.expires_at_s = time.monotonic() + ttl_s if ttl_s is not None else None
+        ctx.expires_at_s = self.clock() + ttl_s if ttl_s is not None else None
         if mode == "swap" and t.where == GPU:
             if not self.bm.can_swap_out(ctx.owner):
                 raise EngineError(f"session {session_id!r}: host pool has {self.bm.num_free_host} free blocks, "

@@ -78,3 +78,33 @@ def test_tokenizer_round_trip(engine):
     tok = engine.tokenizer
     assert tok.decode(tok.encode("héllo")) == "héllo"
     assert "assistant" in tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_engine_shares_a_loaded_model(engine):
+    """A second engine over the first one's weights (no second load) gives the
+    same greedy tokens from its own KV pool; a model in another dtype is refused."""
+    other = Engine(EngineConfig(model="tiny", device="cpu", gpu_blocks=64, measure=False), model=engine.model)
+    assert other.model is engine.model
+    prompt = [(7 * j) % 250 for j in range(40)]
+    other.add_request(Request("shared", prompt, max_tokens=6))
+    assert run_all(other)["shared"] == reference_greedy(engine, prompt, 6)
+    with pytest.raises(EngineError, match="shared model"):
+        Engine(EngineConfig(model="tiny", device="cpu", dtype="float64", gpu_blocks=64, measure=False),
+               model=engine.model)
+
+
+def test_suspend_ttl_runs_on_the_engine_clock():
+    """A suspended context with ttl_s is dropped by the first step at or after
+    its deadline on engine.clock, not before."""
+    e = Engine(EngineConfig(model="tiny", device="cpu", gpu_blocks=64, measure=False))
+    now = [100.0]
+    e.clock = lambda: now[0]
+    e.add_request(Request("t1", [(5 * j) % 250 for j in range(30)], max_tokens=3, session_id="s"))
+    run_all(e)
+    e.suspend("s", "keep", ttl_s=5.0)
+    now[0] = 104.9
+    e.step()
+    assert "s" in e.stats()["sessions"]
+    now[0] = 105.0
+    e.step()
+    assert "s" not in e.stats()["sessions"] and e.counters["dropped_sessions"] == 1

@@ -1,0 +1,1 @@
+"""Agent job completion time under five KV placement policies (see run.py)."""

@@ -1,0 +1,5 @@
+import sys
+
+from bench.agent_jct.run import main
+
+sys.exit(main())
