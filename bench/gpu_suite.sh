@@ -57,7 +57,6 @@ print("yes" if {"memory", "cpu", "pids"} <= ctrl and os.geteuid() == 0 else "no"
 PY
 )
 is_root=$([ "$(id -u)" = 0 ] && echo yes || echo no)
-if [ $SMOKE = 1 ]; then DEV=cpu; MODEL=tiny; else DEV=cuda; MODEL=llama3-8b; fi
 
 SUMMARY=$OUT_DIR/summary.jsonl
 : > "$SUMMARY"
@@ -128,22 +127,22 @@ if [ $SMOKE = 1 ]; then
   run_part resume 120 cuda resume_overlap.json -- "$PY" bench/resume.py --model tiny --context 256 --new 4 --repeats 1 --device cpu --out "$OUT_DIR"
   run_part decode 120 cuda decode.json -- "$PY" bench/decode.py --model tiny --context 64 --steps 4 --device cpu --out "$OUT_DIR"
   if [ -e bench/agent_jct.py ] || [ -d bench/agent_jct ]; then
-    run_part agent_jct 180 cuda agent_jct.json -- "$PY" -m bench.agent_jct --smoke --device cpu --out "$OUT_DIR/agent_jct.json"
+    run_part agent_jct 180 cuda agent_jct.json -- "$PY" -m bench.agent_jct --preset cpu --device cpu --agents 3 --max-turns 4 --max-seconds 150 --out "$OUT_DIR/agent_jct.json"
   fi
   run_part toolcall_overhead 120 root toolcall_overhead.json -- "$PY" bench/toolcall_overhead.py --calls 40 --warmup 5 --methods bare,daemon --quiet --out "$OUT_DIR/toolcall_overhead.json"
 else
-  run_part gpu_tests 60 cuda "" -- "$PY" -m pytest -q -p no:cacheprovider tests/gpu
-  run_part kv_swap 50 cuda kv_swap.json -- "$PY" bench/kv_swap.py --sizes-gib 1,4 --repeats 3 --out "$OUT_DIR"
-  run_part resume 60 cuda resume_overlap.json -- "$PY" bench/resume.py --context 32768 --repeats 3 --device cuda --out "$OUT_DIR"
-  run_part decode 50 cuda decode.json -- "$PY" bench/decode.py --device cuda --out "$OUT_DIR"
+  run_part gpu_tests 30 cuda "" -- "$PY" -m pytest -q -p no:cacheprovider tests/gpu
+  run_part kv_swap 35 cuda kv_swap.json -- "$PY" bench/kv_swap.py --sizes-gib 1,4 --repeats 2 --out "$OUT_DIR"
+  run_part resume 45 cuda resume_overlap.json -- "$PY" bench/resume.py --context 32768 --repeats 2 --device cuda --out "$OUT_DIR"
+  run_part decode 35 cuda decode.json -- "$PY" bench/decode.py --device cuda --out "$OUT_DIR"
   if [ -e bench/agent_jct.py ] || [ -d bench/agent_jct ]; then
-    run_part agent_jct 100 cuda agent_jct.json -- "$PY" -m bench.agent_jct --device cuda --model "$MODEL" --max-seconds 90 --out "$OUT_DIR/agent_jct.json"
+    run_part agent_jct 150 cuda agent_jct.json -- "$PY" -m bench.agent_jct --preset gpu --device cuda --max-seconds 135 --out "$OUT_DIR/agent_jct.json"
   fi
-  run_part toolcall_overhead 45 v2 toolcall_overhead.json -- "$PY" bench/toolcall_overhead.py --calls 500 --quiet --out "$OUT_DIR/toolcall_overhead.json"
-  run_part bpf_tracker 40 root bpf_tracker.json -- "$PY" bench/bpf_tracker.py --rounds 4 --calls 100 --out "$OUT_DIR/bpf_tracker.json"
+  run_part toolcall_overhead 40 v2 toolcall_overhead.json -- "$PY" bench/toolcall_overhead.py --calls 500 --quiet --out "$OUT_DIR/toolcall_overhead.json"
+  run_part bpf_tracker 35 root bpf_tracker.json -- "$PY" bench/bpf_tracker.py --rounds 4 --calls 100 --out "$OUT_DIR/bpf_tracker.json"
   for seed in 1 7; do
-    run_part "replay_seed$seed" 60 v2 "" -- "$PY" -m bench.replay --sessions 3 --priorities 8,2,8 --speedup 5 \
-      --mem-scale 0.5 --seed $seed --max-duration-s 45 --no-plots --out "$OUT_DIR/replay-seed$seed"
+    run_part "replay_seed$seed" 45 v2 "" -- "$PY" -m bench.replay --sessions 3 --priorities 8,2,8 --speedup 5 \
+      --mem-scale 0.5 --seed $seed --max-duration-s 35 --no-plots --out "$OUT_DIR/replay-seed$seed"
   done
 fi
 

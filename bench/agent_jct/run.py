@@ -35,7 +35,7 @@ from bench.agent_jct.replay import PolicyRun, run_policy
 from bench.agent_jct.report import comparisons, markdown, summarise
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_TRACES = REPO.parent.parent / "shared" / "traces" / "dev"
+DEFAULT_TRACES = REPO.parent / "shared" / "traces" / "dev"
 
 
 @dataclass(frozen=True)
