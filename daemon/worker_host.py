@@ -201,13 +201,18 @@ class WorkerHost:
             tail = self._stderr[-1] if self._stderr else ""
             self.last_error = why + exit_text(rc) + (f": {tail}" if tail else "")
         finally:
+            if proc.returncode is None:     # cancelled (daemon stop): run() stops the worker
+                for t in readers:
+                    t.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
         self.state, self.pid, self.up_since, self._proc = "down", None, None, None
         self.emit({"type": "worker.exit", "uid": 0, "pid": proc.pid, "error": self.last_error})
 
     async def _wait_ready(self) -> bool:
+        """Its control socket answers and it printed its ready line (the HTTP
+        API listens only after the control socket does)."""
         while True:
-            if (await self._probe.ping()).ok:
+            if self.url is not None and (await self._probe.ping()).ok:
                 return True
             await asyncio.sleep(PING_EVERY_S)
 
