@@ -74,7 +74,11 @@ def build(config: Config, *, root: str | None = None, mount: str | None = None,
                           sched_ext=config.bpf.sched_ext))
     from .policy import PolicyLoop, load_ruleset
     hooks.add(PolicyLoop(cgfs, load_ruleset(config.policy)))
-    return Daemon(config, cgfs, hooks, mount=mount, hierarchy=hierarchy)
+    from .gpu import add_gpu_hooks
+    bind_gpu = add_gpu_hooks(config, cgfs, hooks)   # [worker] and [gpu] (docs/gpu.md)
+    daemon = Daemon(config, cgfs, hooks, mount=mount, hierarchy=hierarchy)
+    bind_gpu(daemon)
+    return daemon
 
 
 def choose_root(config: Config, environ: dict[str, str], own_cgroup: str | None,

@@ -16,6 +16,10 @@ A hook is any object with some of these methods (all optional):
                                                        before its cgroup is removed; the dict is
                                                        merged into the call's stats ("extra")
     status() -> dict                                   shown under "hooks" by `agentcg status`
+    session_view(session) -> dict                      merged into `agentcg session show`
+    async admit_call(session, intent, msg)             awaited before a call.start is placed: may
+                                                       hold the start (e.g. until GPU memory is
+                                                       free) or refuse it (raise ProtocolError)
     async run(daemon)                                  a long-running task started once the
                                                        socket listens, cancelled at stop
     close()                                            at daemon stop
@@ -81,6 +85,32 @@ class Hooks:
 
     def status(self) -> dict[str, Any]:
         return {_name(h): r for h, r in self._each("status") if r is not None}
+
+    def session_view(self, session: Any) -> dict[str, Any]:
+        view: dict[str, Any] = {}
+        for _hook, result in self._each("session_view", session):
+            if isinstance(result, dict):
+                view.update(result)
+        return view
+
+    @property
+    def admits(self) -> bool:
+        return any(hasattr(h, "admit_call") for h in self.hooks)
+
+    async def admit_call(self, session: Any, intent: Any, msg: dict[str, Any]) -> None:
+        """A hook's refusal (ProtocolError) fails the call.start; any other
+        error in a hook is logged and the call goes ahead."""
+        from agentcg.protocol import ProtocolError
+        for hook in self.hooks:
+            fn = getattr(hook, "admit_call", None)
+            if fn is None:
+                continue
+            try:
+                await fn(session, intent, msg)
+            except ProtocolError:
+                raise
+            except Exception:  # a plug-in must not take the daemon down
+                log.exception("hook %s.admit_call failed", _name(hook))
 
     def runners(self) -> list[Any]:
         return [h for h in self.hooks if hasattr(h, "run")]

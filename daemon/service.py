@@ -359,6 +359,9 @@ class Daemon:
         rid, op = p.check_request(msg)
         fn = getattr(self, "op_" + op.replace(".", "_"))
         try:
+            if op == "call.start" and self.hooks.admits:   # may wait for GPU memory (daemon/gpu.py)
+                await self.hooks.admit_call(self.get_session(msg.get("session"), peer),
+                                            Intent.parse(msg.get("intent")).over(self.config.call_defaults), msg)
             result = fn(msg, peer)
             if asyncio.iscoroutine(result):
                 result = await result
@@ -437,6 +440,7 @@ class Daemon:
                           "running_s": round((time.monotonic_ns() - c.start_ns) / 1e9, 3),
                           "stats": self.cgfs.read_stats(c.rel)} for c in s.calls.values()]
         view["recent"] = [r for (sn, _n), r in self.finished.items() if sn == s.name][-20:]
+        view.update(self.hooks.session_view(s))
         return {"session": view}
 
     def op_session_attach(self, msg: dict[str, Any], peer: Peer) -> dict[str, Any]:

@@ -254,6 +254,12 @@ class Session:
     def end(self, force: bool = False) -> dict[str, Any]:
         return self.client.request("session.end", name=self.name, force=force)
 
+    def llm_headers(self) -> dict[str, str]:
+        """HTTP headers for the agent's requests to agentcg-worker: they tie its
+        KV cache to this session, which agentcgd then swaps out during tool calls
+        and back before the next turn (docs/gpu.md)."""
+        return {"X-Agentcg-Session": self.name}
+
     def show(self) -> dict[str, Any]:
         return self.client.show(self.name)
 

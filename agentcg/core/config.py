@@ -14,6 +14,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from agentcg.core.config_gpu import GpuSettings, WorkerConfig, parse_gpu, parse_worker
 from agentcg.core.errors import FieldError
 from agentcg.core.intents import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, Intent, IntentError
 from agentcg.core.model import Grant
@@ -121,6 +122,8 @@ class Config:
     ruleset: Ruleset = field(default_factory=default_ruleset)  # that table, parsed once at load
     bpf: BpfConfig = field(default_factory=BpfConfig)
     auto_rules: tuple = ()  # [[auto_rules]]: automatic mode's command -> intent rules (core.rules_match)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)   # [worker] (core/config_gpu.py)
+    gpu: GpuSettings = field(default_factory=GpuSettings)        # [gpu] (core/config_gpu.py)
 
     def grant_for(self, uid: int) -> Grant:
         """The grant of `uid`: its own table, else root's (uid 0), else the default."""
@@ -154,7 +157,7 @@ def parse_config(text: str) -> Config:
 
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:
-    _only(data, ("daemon", "defaults", "grants", "policy", "bpf", "auto_rules"), "")
+    _only(data, ("daemon", "defaults", "grants", "policy", "bpf", "auto_rules", "worker", "gpu"), "")
     daemon = _daemon(data.get("daemon", {}))
     defaults = data.get("defaults", {})
     _table(defaults, "defaults")
@@ -191,7 +194,8 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
                   default_grant=default_grant, root_grant=root_grant, grants=grants,
                   policy=None if policy is None else dict(policy), ruleset=ruleset,
                   bpf=_bpf(data.get("bpf", {})),
-                  auto_rules=_auto_rules(data.get("auto_rules")))
+                  auto_rules=_auto_rules(data.get("auto_rules")),
+                  worker=parse_worker(data.get("worker", {})), gpu=parse_gpu(data.get("gpu", {})))
 
 
 def _bpf(tbl: Any) -> BpfConfig:

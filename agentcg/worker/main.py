@@ -75,6 +75,9 @@ def _blocks_option(ctx, param, value):
 @click.option("--gpu-blocks", type=int, default=None, callback=_blocks_option,
               help="KV blocks in the device pool [default: 90% of free device memory less 4 GiB on "
                    "cuda, 512 on cpu].")
+@click.option("--gpu-memory-fraction", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.9,
+              show_default=True, help="Share of the device's memory the worker may use when --gpu-blocks "
+                                      "is not given (cuda only).")
 @click.option("--host-blocks", type=int, default=None, callback=_blocks_option,
               help="KV blocks in the (pinned) host pool that swapped-out sessions move to "
                    "[default: 8 GiB worth].")
@@ -94,7 +97,7 @@ def _blocks_option(ctx, param, value):
               show_default=True)
 @click.option("--quiet", is_flag=True, help="No loading progress lines.")
 def main(model, device, dtype, host, port, control_socket, control_socket_mode, block_size, gpu_blocks,
-         host_blocks, max_batch, seed, served_model_name, api_key, max_prompt_bytes, log_level, quiet):
+         gpu_memory_fraction, host_blocks, max_batch, seed, served_model_name, api_key, max_prompt_bytes, log_level, quiet):
     """Serve a model with an OpenAI-compatible API and a KV-cache control socket.
 
     \b
@@ -140,7 +143,8 @@ def main(model, device, dtype, host, port, control_socket, control_socket_mode, 
 
     try:
         cfg = EngineConfig(model=model, device=device, dtype=dtype, block_size=block_size,
-                           gpu_blocks=gpu_blocks, host_blocks=host_blocks, max_batch=max_batch, seed=seed)
+                           gpu_blocks=gpu_blocks, host_blocks=host_blocks, max_batch=max_batch, seed=seed,
+                           gpu_memory_fraction=gpu_memory_fraction)
     except (TypeError, ValueError) as e:
         raise click.ClickException(f"bad engine configuration: {e}")
 
