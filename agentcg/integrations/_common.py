@@ -109,6 +109,7 @@ class ShellOutcome:
     exit_status: int
     output: str
     result: CallResult
+    name: str = ""
     truncated: bool = False
     timed_out: bool = False
     rule: str | None = None
@@ -122,7 +123,7 @@ class ShellOutcome:
     def to_dict(self) -> dict[str, Any]:
         r = self.result
         return {"exit_status": self.exit_status, "output": self.output, "truncated": self.truncated,
-                "timed_out": self.timed_out, "session": r.session, "call": r.call, "intent": self.intent,
+                "timed_out": self.timed_out, "session": r.session, "call": r.call, "name": self.name, "intent": self.intent,
                 "rule": self.rule, "stats": r.stats, "limits": r.limits, "feedback": r.feedback,
                 **({"unaccounted": r.unaccounted} if r.unaccounted else {})}
 
@@ -135,7 +136,7 @@ class ShellOutcome:
             parts.append(f"[timed out: killed after {self.extra.get('timeout_s')} s]")
         parts.append(f"exit status {self.exit_status}")
         parts.extend(report_lines(self.result.stats, self.result.limits, self.result.feedback,
-                                  call=self.result.call, always=False))
+                                  call=self.result.call, name=self.name or None, always=False))
         return "\n".join(parts)
 
 
@@ -158,7 +159,8 @@ def run_shell(session: Session, command: str, *, intent: Any = None, name: str |
     text = intent_text(rule_intent, intent)
     call_name = name or safe_name(command_words(command)[0] if command_words(command) else "", fallback="sh")
     with tempfile.TemporaryFile() as out:
-        call = session.tool_call(safe_name(call_name, fallback="sh"), intent=text or None)
+        call_name = safe_name(call_name, fallback="sh")
+        call = session.tool_call(call_name, intent=text or None)
         handle = call.popen([shell, "-c", command], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                             cwd=cwd, env=dict(env) if env is not None else None)
         timed_out = False
@@ -171,7 +173,7 @@ def run_shell(session: Session, command: str, *, intent: Any = None, name: str |
         out.seek(0)
         output, truncated = _bounded(out.read())
     status = EXIT_TIMED_OUT if timed_out else result.exit_status
-    return ShellOutcome(command=command, exit_status=status, output=output, result=result, truncated=truncated,
+    return ShellOutcome(command=command, exit_status=status, output=output, result=result, name=call_name, truncated=truncated,
                         timed_out=timed_out, rule=rule, intent=text, extra={"timeout_s": timeout_s})
 
 
