@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from agentcg.client import CallResult, Client, Session
+from agentcg.client import CallResult, Client, ProtocolError, Session
 from agentcg.core.config import DEFAULT_CONFIG_PATH, load_config_text
 from agentcg.core.intents import Intent
 from agentcg.core.rules_match import CommandRule, match_command
@@ -23,6 +23,7 @@ CONFIG_ENV = "AGENTCG_CONFIG"
 # what a model reads of a command's output: its head and its tail
 OUTPUT_LIMIT_BYTES = 64 << 10
 EXIT_TIMED_OUT = 124   # like timeout(1)
+DEFAULT_TIMEOUT_S = 600.0
 
 _NAME_BAD = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -175,6 +176,40 @@ def run_shell(session: Session, command: str, *, intent: Any = None, name: str |
     status = EXIT_TIMED_OUT if timed_out else result.exit_status
     return ShellOutcome(command=command, exit_status=status, output=output, result=result, name=call_name, truncated=truncated,
                         timed_out=timed_out, rule=rule, intent=text, extra={"timeout_s": timeout_s})
+
+
+class ShellRunner:
+    """Runs commands of one session; the session is made on first use."""
+
+    def __init__(self, session: str, *, intent: Any = None, session_intent: Any = None,
+                 socket_path: str | None = None, cwd: str | None = None, timeout_s: float | None = DEFAULT_TIMEOUT_S,
+                 config: str | None = None, client: Client | None = None):
+        self.session_name = session
+        self.intent = intent
+        self.session_intent = session_intent
+        self.cwd = cwd
+        self.timeout_s = timeout_s
+        self.rules = load_rules(config)
+        self.client = client or Client(socket_path=socket_path)
+        self._session = None
+
+    def session(self):
+        if self._session is None:
+            self._session = ensure_session(self.client, self.session_name, self.session_intent)
+        return self._session
+
+    def run(self, command: str, intent: str | None = None, cwd: str | None = None,
+            timeout_s: float | None = None) -> str:
+        """The text the model reads; a refused call (a bad intent, over the
+        budget) is text too, so that the model can correct itself."""
+        try:
+            outcome = run_shell(self.session(), command, intent=intent_text(self.intent, intent) or None,
+                                cwd=cwd or self.cwd, timeout_s=timeout_s or self.timeout_s, rules=self.rules)
+        except ProtocolError as exc:
+            return f"agentcg refused the command: {exc.message} [{exc.code}]"
+        except (ValueError, FileNotFoundError) as exc:
+            return f"agentcg could not run the command: {exc}"
+        return outcome.text()
 
 
 def _bounded(data: bytes, limit: int = OUTPUT_LIMIT_BYTES) -> tuple[str, bool]:

@@ -19,46 +19,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Mapping
 
-from agentcg.client import Client, ProtocolError
+from agentcg.client import Client
 
-from ._common import ensure_session, intent_text, load_rules, run_shell
+from ._common import DEFAULT_TIMEOUT_S, ShellRunner
 
 SESSION_HEADER = "X-Agentcg-Session"
-DEFAULT_TIMEOUT_S = 600.0
-
-
-class ShellRunner:
-    """Runs commands of one session; the session is made on first use."""
-
-    def __init__(self, session: str, *, intent: Any = None, session_intent: Any = None,
-                 socket_path: str | None = None, cwd: str | None = None, timeout_s: float | None = DEFAULT_TIMEOUT_S,
-                 config: str | None = None, client: Client | None = None):
-        self.session_name = session
-        self.intent = intent
-        self.session_intent = session_intent
-        self.cwd = cwd
-        self.timeout_s = timeout_s
-        self.rules = load_rules(config)
-        self.client = client or Client(socket_path=socket_path)
-        self._session = None
-
-    def session(self):
-        if self._session is None:
-            self._session = ensure_session(self.client, self.session_name, self.session_intent)
-        return self._session
-
-    def run(self, command: str, intent: str | None = None, cwd: str | None = None,
-            timeout_s: float | None = None) -> str:
-        """The text the model reads; a refused call (a bad intent, over the
-        budget) is text too, so that the model can correct itself."""
-        try:
-            outcome = run_shell(self.session(), command, intent=intent_text(self.intent, intent) or None,
-                                cwd=cwd or self.cwd, timeout_s=timeout_s or self.timeout_s, rules=self.rules)
-        except ProtocolError as exc:
-            return f"agentcg refused the command: {exc.message} [{exc.code}]"
-        except (ValueError, FileNotFoundError) as exc:
-            return f"agentcg could not run the command: {exc}"
-        return outcome.text()
 
 
 def agentcg_shell_tool(session: str, *, name: str = "shell", intent: Any = None, session_intent: Any = None,
