@@ -141,12 +141,12 @@ class ShellOutcome:
         return "\n".join(parts)
 
 
-def run_shell(session: Session, command: str, *, intent: Any = None, name: str | None = None,
+def run_shell(session: Session, command: str, *, intent: Any = None, base_intent: Any = None, name: str | None = None,
               cwd: str | None = None, timeout_s: float | None = None, env: Mapping[str, str] | None = None,
               shell: str = DEFAULT_SHELL, rules: Sequence[CommandRule] = ()) -> ShellOutcome:
     """Run `shell -c command` as one tool call of `session` and wait for it.
 
-    The intent is the first matching rule's with `intent` over it. stdin is
+    The intent: `base_intent`, the first matching rule's over it, `intent` over both. stdin is
     /dev/null; stdout and stderr go, interleaved, to a file read afterwards
     (a file, not a pipe: the command is then born in its cgroup, and a
     background process that keeps the output open cannot hang the caller).
@@ -157,7 +157,7 @@ def run_shell(session: Session, command: str, *, intent: Any = None, name: str |
     if cwd is not None and not os.path.isdir(cwd):
         raise ValueError(f"cwd: {cwd!r} is not a directory")
     rule_intent, rule = rule_for_command(rules, command)
-    text = intent_text(rule_intent, intent)
+    text = intent_text(base_intent, rule_intent, intent)
     call_name = name or safe_name(command_words(command)[0] if command_words(command) else "", fallback="sh")
     with tempfile.TemporaryFile() as out:
         call_name = safe_name(call_name, fallback="sh")
@@ -198,18 +198,24 @@ class ShellRunner:
             self._session = ensure_session(self.client, self.session_name, self.session_intent)
         return self._session
 
+    def outcome(self, command: str, intent: str | None = None, cwd: str | None = None,
+                timeout_s: float | None = None) -> ShellOutcome:
+        """Run one command: the runner's intent under the matching rule's,
+        under the one given here (the model's). Raises ProtocolError when
+        agentcgd refuses the call, ValueError for bad input."""
+        return run_shell(self.session(), command, base_intent=self.intent, intent=intent, cwd=cwd or self.cwd,
+                         timeout_s=timeout_s or self.timeout_s, rules=self.rules)
+
     def run(self, command: str, intent: str | None = None, cwd: str | None = None,
             timeout_s: float | None = None) -> str:
         """The text the model reads; a refused call (a bad intent, over the
         budget) is text too, so that the model can correct itself."""
         try:
-            outcome = run_shell(self.session(), command, intent=intent_text(self.intent, intent) or None,
-                                cwd=cwd or self.cwd, timeout_s=timeout_s or self.timeout_s, rules=self.rules)
+            return self.outcome(command, intent, cwd, timeout_s).text()
         except ProtocolError as exc:
             return f"agentcg refused the command: {exc.message} [{exc.code}]"
         except (ValueError, FileNotFoundError) as exc:
             return f"agentcg could not run the command: {exc}"
-        return outcome.text()
 
 
 def _bounded(data: bytes, limit: int = OUTPUT_LIMIT_BYTES) -> tuple[str, bool]:
