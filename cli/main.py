@@ -562,6 +562,12 @@ def format_event(ev: dict) -> str:
     return line
 
 
+from .integrate import integrate as _integrate, mcp_cmd as _mcp_cmd   # noqa: E402  (after cli exists)
+
+cli.add_command(_integrate)
+cli.add_command(_mcp_cmd)
+
+
 def main(argv: list[str] | None = None) -> None:
     cli.main(args=argv, prog_name="agentcg")
 
