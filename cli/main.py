@@ -4,6 +4,7 @@
     agentcg session create agent-1 --intent memory=8G,priority=7
     agentcg run --session agent-1 --intent memory=2G,cpu=batch -- pytest -q
     agentcg events --follow --session agent-1
+    agentcg top
 
 Each command lives in a module of its own; this one holds the group, its
 global options, and the registration of the commands.
@@ -18,6 +19,7 @@ from .events import events
 from .run import run
 from .session import session
 from .status import _tree_lines, status  # noqa: F401  (_tree_lines: the status outline, used by tests)
+from .top import top
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,6 +43,7 @@ def cli(ctx: click.Context, socket_: str | None, as_json: bool) -> None:
       agentcg session create agent-1 --intent memory=8G
       agentcg run --session agent-1 --intent memory=2G,cpu=batch -- pytest -q
       agentcg events --follow
+      agentcg top
     """
     ctx.ensure_object(dict)
     ctx.obj["socket"] = socket_
@@ -51,6 +54,7 @@ cli.add_command(status)
 cli.add_command(session)
 cli.add_command(run)
 cli.add_command(events)
+cli.add_command(top)
 
 
 def main(argv: list[str] | None = None) -> None:
