@@ -70,6 +70,7 @@ def top(ctx: click.Context, once: bool, interval_s: float, session_name: str | N
     path = socket_path(ctx)
     with Api(ctx) as client:
         first = fetch(client, session_name)   # agentcgd down: the usual one-line error
+    curses.use_env(False)   # the terminal's own size, not a stale exported COLUMNS/LINES
     try:
         curses.wrapper(_live, path, session_name, interval_s, first)
     except KeyboardInterrupt:
@@ -157,7 +158,7 @@ def _live(stdscr: Any, path: str, session_name: str | None, interval_s: float, f
     feed.start()
     draw(stdscr, view.lines())
     last_s = time.monotonic()
-    size = _terminal_size()
+    size = stdscr.getmaxyx()   # what curses drew for; the first poll catches a size it missed
     while True:
         key = stdscr.getch()
         if key in QUIT_KEYS:
@@ -185,7 +186,7 @@ def _resized(last: tuple[int, int]) -> tuple[bool, tuple[int, int]]:
     KEY_RESIZE needs its SIGWINCH handler, and the signal may reach the
     event thread instead of the one waiting in getch."""
     now = _terminal_size()
-    if now == last or 0 in now:
+    if now == tuple(last) or 0 in now:
         return False, last
     curses.resizeterm(*now)
     return True, now

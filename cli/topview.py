@@ -102,12 +102,12 @@ def _header(frame: Frame) -> list[Line]:
 def _session_lines(s: dict[str, Any], actions: list[dict[str, Any]], now_mono_ns: int) -> list[Line]:
     limits = s.get("limits") or {}
     head = (f"session {s.get('name')}  uid {s.get('uid', '-')}  calls {s.get('running_calls', 0)} running, "
-            f"{s.get('calls_done', 0)} done  memory.low {out.size(limits.get('memory_low_bytes'))}  "
-            f"memory.high {out.size(limits.get('memory_high_bytes'))}  "
-            f"memory.max {out.size(limits.get('memory_max_bytes'))}  "
-            f"pressure {_pressure(s.get('name'), actions, now_mono_ns)}  "
-            f"created {out.age(time_ns(s.get('created_time')))}")
-    lines = [Line(head, True)]
+            f"{s.get('calls_done', 0)} done  created {out.age(time_ns(s.get('created_time')))}")
+    budget = (f"  memory.low {out.size(limits.get('memory_low_bytes'))}  "
+              f"memory.high {out.size(limits.get('memory_high_bytes'))}  "
+              f"memory.max {out.size(limits.get('memory_max_bytes'))}  "
+              f"pressure {_pressure(s.get('name'), actions, now_mono_ns)}")
+    lines = [Line(head, True), Line(budget)]
     calls = s.get("calls") or []
     if not calls:
         return lines + [Line("  no running calls")]
@@ -146,5 +146,5 @@ def _action_lines(policy: dict[str, Any] | None, actions: list[dict[str, Any]], 
     lines = [Line("last policy actions", True)]
     if not shown:
         return lines + [Line("  none")]
-    return lines + [Line(f"  {_ago(a, now_mono_ns):>10}  {a.get('line') or a.get('text') or a.get('kind')}")
+    return lines + [Line(f"  {_ago(a, now_mono_ns):>11}  {a.get('line') or a.get('text') or a.get('kind')}")
                     for a in reversed(shown)]

@@ -59,13 +59,14 @@ def test_once_shows_the_session_its_running_call_and_limits(daemon_env):
         assert f"root {root}" in lines[2]
         head = next(line for line in lines if line.startswith("session tw "))
         assert "calls 1 running, 0 done" in head
-        assert "memory.low 128M" in head and "memory.max 256M" in head and "pressure -" in head
-        header = lines.index(head) + 1
+        budget = lines[lines.index(head) + 1]
+        assert "memory.low 128M" in budget and "memory.max 256M" in budget and "pressure -" in budget
+        header = lines.index(head) + 2
         assert lines[header].split() == ["CALL", "NAME", "PID", "TIME", "MEM", "MEM.HIGH", "MEM.MAX", "CPU"]
         row = lines[header + 1].split()
         assert row[:3] == ["c-1", "sleeper", str(pid)]
         other = next(line for line in lines if line.startswith("session other "))
-        assert lines[lines.index(other) + 1] == "  no running calls"
+        assert lines[lines.index(other) + 2] == "  no running calls"
         assert "last policy actions" in lines
         only = run(env, "top", "--once", "--session", "other").stdout
         assert "session other " in only and "session tw " not in only

@@ -35,9 +35,10 @@ def test_pressure_is_the_stall_the_policy_last_acted_on_and_the_ladder_is_named(
     lines = [line.text for line in frame_lines(frame, now_mono_ns=NOW_NS)]
     assert lines[1].startswith("policy: ladder level 1 (throttle)  frozen -  ticks 9")
     head = next(t for t in lines if t.startswith("session a "))
-    assert "memory.high 2G  memory.max 4G" in head
-    assert "pressure 40ms/500ms > 10ms (2.0s ago)" in head
-    row = lines[lines.index(head) + 2].split()
+    budget = lines[lines.index(head) + 1]
+    assert "memory.high 2G  memory.max 4G" in budget
+    assert "pressure 40ms/500ms > 10ms (2.0s ago)" in budget
+    row = lines[lines.index(head) + 3].split()
     assert row == ["c-4", "pytest", "77", "1.5s", "512M", "1G", "-", "250.0ms"]
     shown = [t.strip() for t in lines[lines.index("last policy actions") + 1:]]   # newest first, each once
     assert shown == ["1.0s ago  memory.high on s-b", "2.0s ago  memory.high 2G -> 1.2G on s-a/c-1 (throttle)"]
