@@ -74,6 +74,15 @@ def test_once_shows_the_session_its_running_call_and_limits(daemon_env):
         _stop([call])
 
 
+def _save(path: Path, screen: str) -> None:
+    """The screen without its trailing blanks, empty rows squeezed to one."""
+    lines: list[str] = []
+    for line in (row.rstrip() for row in screen.splitlines()):
+        if line or (lines and lines[-1]):
+            lines.append(line)
+    path.write_text("\n".join(lines).strip() + "\n")
+
+
 class Pane:
     """One tmux server of the test's own, one pane running a command."""
 
@@ -125,7 +134,7 @@ def test_live_view_follows_events_resizes_and_quits_with_q(daemon_env, tmp_path)
         screen = pane.wait_for("tester")
         assert "calls 2 running, 0 done" in screen and "c-2" in screen
         if os.environ.get(CAPTURE_ENV):
-            Path(os.environ[CAPTURE_ENV]).write_text("\n".join(l.rstrip() for l in screen.splitlines()).strip() + "\n")
+            _save(Path(os.environ[CAPTURE_ENV]), screen)
         pane.resize(44, 12)
         # redrawn for the new size: the header on top, the help line at the bottom
         narrow = pane.wait_for(until=lambda screen: screen.splitlines()[0].startswith("agentcg top")
