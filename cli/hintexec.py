@@ -49,7 +49,7 @@ import tempfile
 from agentcg import protocol as p
 
 from .hints import HINT_ENV, SESSION_ENV, HintError, call_name_for, check_session_name, parse_hint
-from .main import run_tool_call
+from .run import run_tool_call
 
 SHELL_ENV = "AGENTCG_EXEC_SHELL"
 EXIT_BAD_HINT = 2

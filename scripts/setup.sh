@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 say() { printf 'setup: %s\n' "$*" >&2; }
 
-APT_PKGS=(clang llvm bpftool libbpf-dev iproute2 make gcc systemd-container)
+APT_PKGS=(clang llvm bpftool libbpf-dev iproute2 make gcc systemd-container tmux)
 missing=()
 for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -240,3 +240,38 @@ def test_session_create_attach_of_a_bad_pid_fails_and_leaves_no_session(daemon_e
     usage = run(env, "session", "create", "x", "--attach", "0")
     assert usage.returncode == 2 and "--attach: 0 is not a process id" in usage.stderr
     assert "Automatic mode" in run(env, "session", "create", "--help").stdout
+
+
+def test_json_before_the_command_for_every_command(daemon_env):
+    """`agentcg --json CMD` prints what `agentcg CMD --json` does, for each
+    command that has --json (kubectl-style global flag)."""
+    env, root = daemon_env
+    created = run(env, "--json", "session", "create", "gj", "--intent", "memory=1G")
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["name"] == "gj"
+    agent = subprocess.Popen(["sleep", "120"])
+    try:
+        attached = run(env, "--json", "session", "attach", "gj", str(agent.pid))
+        assert json.loads(attached.stdout) == [{"pid": agent.pid, "cgroup": f"{root}/s-gj/agent"}]
+        res = run(env, "--json", "run", "--session", "gj", "--name", "gj-call", "--", "sh", "-c", "echo out; exit 4")
+        assert res.returncode == 4 and res.stdout == "out\n"
+        assert json.loads(res.stderr.strip().splitlines()[-1])["exit_status"] == 4
+        st = json.loads(run(env, "--json", "status").stdout)
+        assert st["daemon"]["cgroup_root"] == str(root)
+        assert [s["name"] for s in json.loads(run(env, "--json", "session", "list").stdout)] == ["gj"]
+        show = run(env, "--json", "session", "show", "gj").stdout
+        assert json.loads(show)["recent"][0]["exit_status"] == 4
+        assert json.loads(run(env, "--json", "session", "show", "gj", "--json").stdout) == json.loads(show)
+        evs = [json.loads(line) for line in run(env, "--json", "events", "--session", "gj").stdout.splitlines()]
+        assert any(e.get("type") == "call.end" and e.get("name") == "gj-call" for e in evs)
+        frame = json.loads(run(env, "--json", "top", "--once").stdout)
+        assert [s["name"] for s in frame["sessions"]] == ["gj"]
+        assert frame["status"]["daemon"]["cgroup_root"] == str(root)
+        ended = run(env, "--json", "session", "end", "gj")
+        assert ended.returncode == 0, ended.stderr
+        assert json.loads(ended.stdout)["session"] == "gj"
+    finally:
+        agent.kill()
+        agent.wait()
+    # without it, text as before
+    assert run(env, "status").stdout.startswith("daemon:\n")
