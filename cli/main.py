@@ -20,6 +20,7 @@ from .run import run
 from .session import session
 from .status import _tree_lines, status  # noqa: F401  (_tree_lines: the status outline, used by tests)
 from .top import top
+from .integrate import integrate, mcp_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,12 +56,8 @@ cli.add_command(session)
 cli.add_command(run)
 cli.add_command(events)
 cli.add_command(top)
-
-
-from .integrate import integrate as _integrate, mcp_cmd as _mcp_cmd   # noqa: E402  (after cli exists)
-
-cli.add_command(_integrate)
-cli.add_command(_mcp_cmd)
+cli.add_command(integrate)
+cli.add_command(mcp_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:
