@@ -35,7 +35,8 @@ from agentcg.core.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_c
 
 from .hooks import Hooks
 from .ratelog import BugLog, LogLimiter
-from .service import Daemon, Peer
+from .handlers import Peer
+from .service import Daemon
 from .state import journal_path, make_private
 
 try:  # sd_notify; a no-op outside systemd

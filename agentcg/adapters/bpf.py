@@ -758,37 +758,28 @@ class BpfHook:
         """Automatic mode: a fresh tool call for d.root_pid, then its early descendants."""
         import time
 
-        from agentcg.daemon.service import Peer
+        from agentcg.core.intents import Intent
 
         s = daemon.sessions.get(d.session)
         if s is None:
             return None
         seen_ns = time.monotonic_ns()
-        peer = Peer(pid=os.getpid(), uid=0, gid=0, conn=0)
-        msg = {"session": d.session, "pid": d.root_pid, "name": d.program, "argv": [d.cmdline],
-               "intent": dict(d.intent)}
         self._pending_auto.add(d.root_pid)
         try:
-            res = daemon.op_call_start(msg, peer)
+            started = daemon.start_call(s, pid=d.root_pid, name=d.program, argv=[d.cmdline],
+                                        intent=Intent.parse(dict(d.intent)))
         except Exception as exc:  # the process may be gone already
             daemon.emit({"type": "call.auto.failed", "uid": s.uid, "session": d.session, "pid": d.root_pid,
                          "reason": str(exc)})
             return None
         finally:
             self._pending_auto.discard(d.root_pid)
-        n = res["call"]
+        n = started.call.n
         self._auto_calls.add((d.session, n))
         placed_ns = time.monotonic_ns()
-        c = s.calls.get(n)
-        if c is not None:
-            c.conn = None     # no client: the call ends when its root exits (or its processes are gone)
-        rel = f"{s.rel}/c-{n}"
         for pid in d.pids[1:]:
-            try:
-                daemon.cgfs.place(rel, pid)
-                daemon.oom_prefer(pid, "call", s)  # forked by the agent before placement: still protected
-            except (ProcessLookupError, FileNotFoundError, OSError):
-                pass
+            # forked by the agent before placement: moved, and still protected from the OOM killer
+            daemon.place_in_call(s, n, pid)
         self.attr.call_placed(d.session, n, d.pids, root_pid=d.root_pid)
         self.placement_ns.append(max(0, placed_ns - d.exec_ts_ns))
         self.auto_calls += 1
@@ -807,11 +798,9 @@ class BpfHook:
         if isinstance(d, NewCall):
             self.place_new_call(daemon, d)
         elif isinstance(d, MoveToCall):
-            try:
-                daemon.cgfs.place(f"s-{d.session}/c-{d.call}", d.pid)
-                daemon.oom_prefer(d.pid, "call", daemon.sessions.get(d.session))
-            except (ProcessLookupError, FileNotFoundError, OSError):
-                pass
+            s = daemon.sessions.get(d.session)
+            if s is not None:
+                daemon.place_in_call(s, d.call, d.pid)
         elif isinstance(d, CallFinished):
             s = daemon.sessions.get(d.session)
             c = s.calls.get(d.call) if s else None
@@ -821,7 +810,7 @@ class BpfHook:
                     status = os.waitstatus_to_exitcode(d.exit_code)
                 except ValueError:
                     status = None
-                asyncio.ensure_future(daemon.finalise(s, c, exit_status=status, reason=d.reason))
+                asyncio.ensure_future(daemon.end_call(s, c, exit_status=status, reason=d.reason))
         elif isinstance(d, OomVictim):
             self.oom_victims.setdefault((d.session, d.call), []).append(
                 {"pid": d.pid, "comm": d.comm, "ts_ns": d.ts_ns})
