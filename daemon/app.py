@@ -65,7 +65,7 @@ def build(config: Config, *, root: str | None = None, mount: str | None = None,
     hooks = Hooks()
     # -- extension hooks: add one line per hook below --------------------------
     if config.bpf.enabled:
-        from agentcg.adapters.bpf import BpfHook
+        from .automatic import BpfHook
         hooks.add(BpfHook(cgfs.root, rules=config.auto_rules,
                           escape_action=config.bpf.escape_action or config.daemon.straggler_policy,
                           runq=config.bpf.runq_latency, network=config.bpf.network,
