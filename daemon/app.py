@@ -30,7 +30,6 @@ from typing import Any
 
 from agentcg import protocol as p
 from agentcg.adapters.cgroupfs import (CgroupFs, CgroupGone, detect_hierarchy, mount_of, pid_cgroup)
-from agentcg.adapters.procfs import set_oom_score_adj
 from agentcg.core.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config_text
 
 from .hooks import Hooks
@@ -122,25 +121,25 @@ def prepare(config: Config, environ: dict[str, str] | None = None) -> Daemon:
     if refusal:
         log.warning("running without enforcement: %s", refusal.split(". Fix:")[0])
     daemon = build(config, root=root, mount=mount, hierarchy=info.to_dict())
-    cgfs = daemon.cgfs
+    cgfs, executor = daemon.cgfs, daemon.executor
     cgfs.create("")
     if not systemd:
-        cgfs.enable_down_to_root(mount, cfg.controllers)
+        executor.enable_down_to_root(mount, cfg.controllers)
     cgfs.create("daemon")
-    cgfs.place("daemon", os.getpid())
+    executor.place("daemon", os.getpid())
     # its own leaf is inside the budget: agents (-900) and calls (+500) must
     # not leave the daemon as the OOM killer's largest candidate
     if os.geteuid() == 0:
-        set_oom_score_adj(os.getpid(), cfg.oom_score_adj)
+        executor.oom_score_adj(os.getpid(), cfg.oom_score_adj)
     try:
-        daemon.enabled_controllers = cgfs.enable_controllers("", cfg.controllers)
+        daemon.enabled_controllers = executor.enable_controllers("", cfg.controllers)
     except OSError as exc:
         log.warning("cannot enable controllers %s in %s: %s", cfg.controllers, root, exc)
         daemon.enabled_controllers = cgfs.subtree_control("")
     if "cpu" in daemon.enabled_controllers:
         # the controller must get the CPU when the calls it controls take all of it
         try:
-            cgfs.write("daemon", "cpu.weight", str(cfg.cpu_weight), "daemon.cpu_weight")
+            executor.set("daemon", "cpu.weight", str(cfg.cpu_weight), "daemon.cpu_weight")
         except (OSError, CgroupGone) as exc:
             log.warning("daemon cgroup cpu.weight not set: %s", exc)
     missing = [c for c in needed if c not in daemon.enabled_controllers]

@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable
 
 from agentcg.adapters.cgroupfs import CgroupFs, pid_cgroup
-from agentcg.adapters.procfs import set_oom_score_adj
+from agentcg.adapters.executor import Executor
 from agentcg.core.config import DaemonConfig
 
 from .state import SessionRecord
@@ -28,10 +28,11 @@ SPARE_CALL_CGROUPS = 1
 
 
 class CallPool:
-    def __init__(self, cfg: DaemonConfig, cgfs: CgroupFs, mount: str | None,
+    def __init__(self, cfg: DaemonConfig, cgfs: CgroupFs, executor: Executor, mount: str | None,
                  sessions: Callable[[str], SessionRecord | None]):
         self.cfg = cfg
         self.cgfs = cgfs
+        self.executor = executor
         self.mount = mount
         self._session = sessions
         # session -> numbers n of the empty c-<n> made ahead
@@ -118,7 +119,7 @@ class CallPool:
             return 0, None
         if policy != "kill":
             return len(left), "kept"
-        self.cgfs.kill(rel, f"call {n} ended ({reason}): {len(left)} stragglers")
+        self.executor.kill(rel, f"call {n} ended ({reason}): {len(left)} stragglers")
         deadline = time.monotonic() + 5.0
         while self.cgfs.populated(rel, fds) and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
@@ -126,6 +127,7 @@ class CallPool:
 
     def keep(self, rel: str) -> None:
         """A call cgroup kept for its stragglers: removed once they exit (sweep)."""
+        self.executor.forget(rel)
         self.forget_fds(rel)
         self.lingering.add(rel)
 
@@ -133,6 +135,7 @@ class CallPool:
         """rmdir an ended call's cgroup after its reply went out (on the loop:
         an rmdir of an empty cgroup costs less than a hop to the worker thread
         and back; the kernel frees the cgroup's state asynchronously)."""
+        self.executor.forget(rel)
         self.cgfs.close_fds(self.stat_fds.pop(rel, None))
         try:
             ok = self.cgfs.remove(rel)
@@ -168,12 +171,8 @@ class CallPool:
     def oom_group(self, rel: str) -> None:
         """memory.oom.group = 1 on a call cgroup: a kernel OOM kill takes the
         whole call (never leaves half a build running)."""
-        if not self.cfg.call_oom_group:
-            return
-        try:
-            self.cgfs._write(rel, "memory.oom.group", "1")
-        except OSError:
-            pass  # no memory controller here: nothing to group
+        if self.cfg.call_oom_group:
+            self.executor.oom_group(rel)
 
     def oom_prefer(self, pid: int, role: str, session: Any = None) -> None:
         """oom_score_adj of a placed process: daemon.agent_oom_score_adj for an
@@ -182,7 +181,8 @@ class CallPool:
         tree (fake trees in tests hold no such processes)."""
         if self.mount is None:
             return
-        set_oom_score_adj(pid, self.cfg.agent_oom_score_adj if role == "agent" else self.call_oom_adj(session))
+        self.executor.oom_score_adj(pid, self.cfg.agent_oom_score_adj if role == "agent"
+                                    else self.call_oom_adj(session))
 
     def call_oom_adj(self, session: Any) -> int:
         return self.cfg.call_oom_score_adj_for(session.intent.priority if session is not None else None)

@@ -48,11 +48,11 @@ class PolicyLoop:
     name = "policy"
 
     def __init__(self, cgfs: CgroupFs, ruleset: Ruleset, *, dry_run: bool = False, keep_last: int = 50,
-                 psi_stall_us: int = 10_000, psi_window_us: int = 500_000):
+                 psi_stall_us: int = 10_000, psi_window_us: int = 500_000, executor: Executor | None = None):
         self.cgfs = cgfs
         self.ruleset = ruleset
         self.dry_run = dry_run or ruleset.dry_run
-        self.executor = Executor(cgfs)
+        self.executor = executor or Executor(cgfs)
         # every tick reads the same files of the same cgroups: kept open (one pread each)
         self.views = ViewReader(OpenFiles(cgfs))
         self.watch = SignalWatch()

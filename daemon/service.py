@@ -30,7 +30,8 @@ from typing import Any
 
 from agentcg import protocol as p
 from agentcg.adapters.cgroupfs import CgroupFs, pid_cgroup
-from agentcg.adapters.procfs import read_oom_score_adj, set_oom_score_adj
+from agentcg.adapters.executor import Executor
+from agentcg.adapters.procfs import read_oom_score_adj
 from agentcg.core.config import Config
 from agentcg.core.feedback import feedback
 from agentcg.core.intents import Intent, call_limits, session_limits, with_grant_priority
@@ -64,7 +65,7 @@ class Started:
 class Daemon(Handlers):
     def __init__(self, config: Config, cgfs: CgroupFs, hooks: Hooks, *, mount: str | None = None,
                  hierarchy: dict[str, Any] | None = None, journal: Journal | None = None,
-                 events: EventLog | None = None):
+                 events: EventLog | None = None, executor: Executor | None = None):
         self.config = config
         self.cfg = config.daemon
         self.cgfs = cgfs
@@ -78,7 +79,9 @@ class Daemon(Handlers):
         self.enabled_controllers: set[str] = set()
         self._finalising: set[tuple[str, int]] = set()
         self._starting: dict[tuple[str, int], str] = {}  # clone_into calls whose hooks run after the reply
-        self.calls = CallPool(self.cfg, cgfs, mount, self.sessions.get)
+        # the one writer of the tree: limits, moves, kills, OOM preference (and the policy's writes)
+        self.executor = executor or Executor(cgfs)
+        self.calls = CallPool(self.cfg, cgfs, self.executor, mount, self.sessions.get)
         self.events = events or EventLog(self.cfg.event_log_file)
         self.journal = journal or Journal(self.cfg.state_file)
         self._compacting = False
@@ -168,8 +171,8 @@ class Daemon(Handlers):
         s = SessionRecord(name=name, uid=uid, intent=intent, limits=limits, created_time=time.time())
         self.cgfs.create(s.rel)
         try:
-            self.cgfs.enable_controllers(s.rel, self.enabled_controllers)
-            res = self.cgfs.apply_limits(s.rel, limits.files(), f"session {name} intent {intent.describe()}")
+            self.executor.enable_controllers(s.rel, self.enabled_controllers)
+            res = self.executor.apply_limits(s.rel, limits.files(), f"session {name} intent {intent.describe()}")
             self.cgfs.create(f"{s.rel}/agent")
         except OSError as exc:
             self.cgfs.remove_tree(s.rel)
@@ -191,12 +194,12 @@ class Daemon(Handlers):
         old_adj = read_oom_score_adj(pid)
         self.calls.oom_prefer(pid, "agent")
         try:
-            self.cgfs.place(f"{s.rel}/agent", pid)
+            self.executor.place(f"{s.rel}/agent", pid)
         except ProcessLookupError:
             raise p.ProtocolError(p.E_BAD_PID, f"pid: {pid} exited") from None
         except OSError:
             if old_adj is not None and self.mount is not None:
-                set_oom_score_adj(pid, old_adj)  # not attached: not protected either
+                self.executor.oom_score_adj(pid, old_adj)  # not attached: not protected either
             raise
         s.attached[pid] = origin
         self.save()
@@ -213,6 +216,7 @@ class Daemon(Handlers):
         self.hooks.session_end(s, self.cgfs.path(s.rel))
         self.calls.drop_spares(s.name)
         removed = self.cgfs.remove_tree(s.rel)
+        self.executor.forget(s.rel)
         del self.sessions[s.name]
         self.save()
         self.emit({"type": "session.end", "uid": s.uid, "session": s.name, "by_uid": by_uid,
@@ -230,7 +234,7 @@ class Daemon(Handlers):
             if not target.is_dir():
                 target = Path(self.mount)
             try:
-                (target / "cgroup.procs").write_text(str(pid))
+                self.executor.place_at(target, pid)
                 moved += 1
             except OSError as exc:
                 log.warning("cannot move agent pid %d back to %s: %s", pid, target, exc)
@@ -255,7 +259,7 @@ class Daemon(Handlers):
                        argv=argv[:64], conn=conn, token=token)
         fd = None
         try:
-            res = self.cgfs.apply_limits(c.rel, limits.files(),
+            res = self.executor.apply_limits(c.rel, limits.files(),
                                          f"call {name or n} intent {intent.describe() or '(defaults)'}")
             # journaled before the pid is placed and the reply: restore must tell a
             # started call from an empty spare even if the tool ran and exited while
@@ -263,7 +267,7 @@ class Daemon(Handlers):
             s.calls[n] = c
             self.record({"op": "start", "call": c.to_dict()})
             if placement == "pid":
-                self.cgfs.place(c.rel, pid)
+                self.executor.place(c.rel, pid)
                 self.calls.oom_prefer(pid, "call", s)
             else:
                 fd = self.cgfs.open_dir(c.rel)
@@ -297,7 +301,7 @@ class Daemon(Handlers):
         try:
             if placement == "pid":
                 if not self.calls.in_cgroup(pid, c.rel):
-                    self.cgfs.place(c.rel, pid)
+                    self.executor.place(c.rel, pid)
                     self.calls.oom_prefer(pid, "call", s)
                 c.pid = pid
             else:
@@ -316,7 +320,7 @@ class Daemon(Handlers):
         placed = "clone_into"
         if not inside:
             try:
-                self.cgfs.place(c.rel, pid)
+                self.executor.place(c.rel, pid)
             except ProcessLookupError:
                 raise p.ProtocolError(p.E_BAD_PID, f"pid: {pid} exited before it was placed") from None
             except OSError as exc:
@@ -349,7 +353,7 @@ class Daemon(Handlers):
         """Move one more process into running call n (automatic mode: one the
         agent forked before the call's root was placed); False if it is gone."""
         try:
-            self.cgfs.place(f"{s.rel}/c-{n}", pid)
+            self.executor.place(f"{s.rel}/c-{n}", pid)
             self.calls.oom_prefer(pid, "call", s)
         except (ProcessLookupError, FileNotFoundError, OSError):
             return False
@@ -435,7 +439,7 @@ class Daemon(Handlers):
             for c in list(s.calls.values()):
                 await self.end_call(s, c, exit_status=None, reason="daemon teardown", force_kill=True)
             if self.cgfs.populated(s.rel):
-                self.cgfs.kill(s.rel, "daemon teardown")
+                self.executor.kill(s.rel, "daemon teardown")
                 self.cgfs.wait_unpopulated(s.rel, 5.0)
             self.calls.drop_spares(s.name)
             self.cgfs.remove_tree(s.rel)
