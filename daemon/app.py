@@ -29,14 +29,18 @@ from pathlib import Path
 from typing import Any
 
 from agentcg import protocol as p
-from agentcg.adapters.cgroupfs import (CgroupFs, CgroupGone, detect_hierarchy, mount_of, pid_cgroup)
+from agentcg.adapters.cgroupfs import (CgroupFs, CgroupGone, OpenFiles, detect_hierarchy, mount_of,
+                                       pid_cgroup)
+from agentcg.adapters.executor import Executor
+from agentcg.adapters.psi import SignalWatch
 from agentcg.core.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config_text
 
+from .events import EventLog
 from .hooks import Hooks
 from .ratelog import BugLog, LogLimiter
 from .handlers import Peer
 from .service import Daemon
-from .state import journal_path, make_private
+from .state import Journal, journal_path, make_private
 
 try:  # sd_notify; a no-op outside systemd
     from . import notify as _notify
@@ -58,20 +62,26 @@ class StartupError(Exception):
 
 def build(config: Config, *, root: str | None = None, mount: str | None = None,
           hierarchy: dict[str, Any] | None = None) -> Daemon:
-    """Construct the adapters, the hooks and the daemon. Extension hooks are
+    """The composition root: every adapter and collaborator of the daemon is
+    made here and passed in; nothing else builds its own. Extension hooks are
     registered here: one `hooks.add(...)` line per hook (see daemon/hooks.py)."""
     cgfs = CgroupFs(root or config.daemon.cgroup_root)
+    executor = Executor(cgfs)          # the one writer: admission, moves, kills and the policy
     hooks = Hooks()
     # -- extension hooks: add one line per hook below --------------------------
     if config.bpf.enabled:
+        from agentcg.core.attribution import Attribution
+
         from .automatic import BpfHook
-        hooks.add(BpfHook(cgfs.root, rules=config.auto_rules,
-                          escape_action=config.bpf.escape_action or config.daemon.straggler_policy,
+        escape_action = config.bpf.escape_action or config.daemon.straggler_policy
+        hooks.add(BpfHook(cgfs.root, rules=config.auto_rules, escape_action=escape_action,
                           runq=config.bpf.runq_latency, network=config.bpf.network,
-                          sched_ext=config.bpf.sched_ext))
-    from .policy import PolicyLoop, load_ruleset
-    hooks.add(PolicyLoop(cgfs, load_ruleset(config.policy)))
-    return Daemon(config, cgfs, hooks, mount=mount, hierarchy=hierarchy)
+                          sched_ext=config.bpf.sched_ext,
+                          attribution=Attribution(rules=config.auto_rules, escape_action=escape_action)))
+    from .policy import PolicyLoop
+    hooks.add(PolicyLoop(cgfs, config.ruleset, executor=executor, files=OpenFiles(cgfs), watch=SignalWatch()))
+    return Daemon(config, cgfs, hooks, mount=mount, hierarchy=hierarchy, executor=executor,
+                  journal=Journal(config.daemon.state_file), events=EventLog(config.daemon.event_log_file))
 
 
 def choose_root(config: Config, environ: dict[str, str], own_cgroup: str | None,

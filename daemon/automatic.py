@@ -44,9 +44,10 @@ class BpfHook:
     name = "bpf"
 
     def __init__(self, root: str | os.PathLike, *, rules=(), escape_action: str = "keep",
-                 runq: bool = True, network: bool = True, sched_ext: bool = True, placement_keep: int = 4096):
+                 runq: bool = True, network: bool = True, sched_ext: bool = True, placement_keep: int = 4096,
+                 attribution: Attribution | None = None):
         self.root = Path(root)
-        self.attr = Attribution(rules=rules, escape_action=escape_action)
+        self.attr = attribution or Attribution(rules=rules, escape_action=escape_action)
         self.tracker: Tracker | None = None
         self.net: NetPolicy | None = None
         self.daemon: Any = None
