@@ -31,14 +31,18 @@ from pathlib import Path
 from typing import Any
 
 from agentcg import protocol as p
-from agentcg.adapters.cgroupfs import (CgroupFs, CgroupGone, detect_hierarchy, mount_of, pid_cgroup)
-from agentcg.adapters.procfs import set_oom_score_adj
+from agentcg.adapters.cgroupfs import (CgroupFs, CgroupGone, OpenFiles, detect_hierarchy, mount_of,
+                                       pid_cgroup)
+from agentcg.adapters.executor import Executor
+from agentcg.adapters.psi import SignalWatch
 from agentcg.core.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config_text
 
+from .events import EventLog
 from .hooks import Hooks
 from .ratelog import BugLog, LogLimiter
-from .service import Daemon, Peer
-from .state import journal_path, make_private
+from .handlers import Peer
+from .service import Daemon
+from .state import Journal, journal_path, make_private
 from .systemd_tree import find_tree_root, move_holder
 
 try:  # sd_notify; a no-op outside systemd
@@ -61,22 +65,28 @@ class StartupError(Exception):
 
 def build(config: Config, *, root: str | None = None, mount: str | None = None,
           hierarchy: dict[str, Any] | None = None) -> Daemon:
-    """Construct the adapters, the hooks and the daemon. Extension hooks are
+    """The composition root: every adapter and collaborator of the daemon is
+    made here and passed in; nothing else builds its own. Extension hooks are
     registered here: one `hooks.add(...)` line per hook (see daemon/hooks.py)."""
     cgfs = CgroupFs(root or config.daemon.cgroup_root)
+    executor = Executor(cgfs)          # the one writer: admission, moves, kills and the policy
     hooks = Hooks()
     # -- extension hooks: add one line per hook below --------------------------
     if config.bpf.enabled:
-        from agentcg.adapters.bpf import BpfHook
-        hooks.add(BpfHook(cgfs.root, rules=config.auto_rules,
-                          escape_action=config.bpf.escape_action or config.daemon.straggler_policy,
+        from agentcg.core.attribution import Attribution
+
+        from .automatic import BpfHook
+        escape_action = config.bpf.escape_action or config.daemon.straggler_policy
+        hooks.add(BpfHook(cgfs.root, rules=config.auto_rules, escape_action=escape_action,
                           runq=config.bpf.runq_latency, network=config.bpf.network,
-                          sched_ext=config.bpf.sched_ext))
-    from .policy import PolicyLoop, load_ruleset
-    hooks.add(PolicyLoop(cgfs, load_ruleset(config.policy)))
+                          sched_ext=config.bpf.sched_ext,
+                          attribution=Attribution(rules=config.auto_rules, escape_action=escape_action)))
+    from .policy import PolicyLoop
+    hooks.add(PolicyLoop(cgfs, config.ruleset, executor=executor, files=OpenFiles(cgfs), watch=SignalWatch()))
     from .gpu import add_gpu_hooks
-    bind_gpu = add_gpu_hooks(config, cgfs, hooks)   # [worker] and [gpu] (docs/gpu.md)
-    daemon = Daemon(config, cgfs, hooks, mount=mount, hierarchy=hierarchy)
+    bind_gpu = add_gpu_hooks(config, cgfs, executor, hooks)   # [worker] and [gpu] (docs/gpu.md)
+    daemon = Daemon(config, cgfs, hooks, mount=mount, hierarchy=hierarchy, executor=executor,
+                    journal=Journal(config.daemon.state_file), events=EventLog(config.daemon.event_log_file))
     bind_gpu(daemon)
     return daemon
 
@@ -131,28 +141,28 @@ def prepare(config: Config, environ: dict[str, str] | None = None) -> Daemon:
     if refusal:
         log.warning("running without enforcement: %s", refusal.split(". Fix:")[0])
     daemon = build(config, root=root, mount=mount, hierarchy=info.to_dict())
-    cgfs = daemon.cgfs
+    cgfs, executor = daemon.cgfs, daemon.executor
     cgfs.create("")
     if not systemd:
-        cgfs.enable_down_to_root(mount, cfg.controllers)
+        executor.enable_down_to_root(mount, cfg.controllers)
     if tree_unit:
-        move_holder(cgfs)   # the daemon stays in its own unit (CPUWeight= there)
+        move_holder(cgfs, executor)   # the daemon stays in its own unit (CPUWeight= there)
     else:
         cgfs.create("daemon")
-        cgfs.place("daemon", os.getpid())
+        executor.place("daemon", os.getpid())
     # its own leaf is inside the budget: agents (-900) and calls (+500) must
     # not leave the daemon as the OOM killer's largest candidate
     if os.geteuid() == 0:
-        set_oom_score_adj(os.getpid(), cfg.oom_score_adj)
+        executor.oom_score_adj(os.getpid(), cfg.oom_score_adj)
     try:
-        daemon.enabled_controllers = cgfs.enable_controllers("", cfg.controllers)
+        daemon.enabled_controllers = executor.enable_controllers("", cfg.controllers)
     except OSError as exc:
         log.warning("cannot enable controllers %s in %s: %s", cfg.controllers, root, exc)
         daemon.enabled_controllers = cgfs.subtree_control("")
     if "cpu" in daemon.enabled_controllers and not tree_unit:
         # the controller must get the CPU when the calls it controls take all of it
         try:
-            cgfs.write("daemon", "cpu.weight", str(cfg.cpu_weight), "daemon.cpu_weight")
+            executor.set("daemon", "cpu.weight", str(cfg.cpu_weight), "daemon.cpu_weight")
         except (OSError, CgroupGone) as exc:
             log.warning("daemon cgroup cpu.weight not set: %s", exc)
     missing = [c for c in needed if c not in daemon.enabled_controllers]

@@ -152,7 +152,7 @@ class GpuCoordinator:
                    "call": int(n) if n.isdigit() else n, "reason": d.reason})
         self.feedback.setdefault(d.call_id, []).append({"kind": f"gpu_{d.kind}", "message": d.reason})
         if isinstance(d, Kill) and c is not None:
-            self.daemon.cgfs.kill(c.rel, f"gpu enforce=kill: {d.reason}")
+            self.daemon.executor.kill(c.rel, f"gpu enforce=kill: {d.reason}")
 
     async def run(self, daemon: Any) -> None:
         self.bind(daemon)
@@ -303,7 +303,7 @@ class GpuCoordinator:
             close()
 
 
-def add_gpu_hooks(config: Any, cgfs: Any, hooks: Any) -> Callable[[Any], None]:
+def add_gpu_hooks(config: Any, cgfs: Any, executor: Any, hooks: Any) -> Callable[[Any], None]:
     """Register the worker supervisor, the KV placer and the GPU coordinator
     that the [worker] and [gpu] tables ask for; -> bind(daemon), to call once
     the daemon exists (they emit its events and read its sessions)."""
@@ -314,7 +314,7 @@ def add_gpu_hooks(config: Any, cgfs: Any, hooks: Any) -> Callable[[Any], None]:
     runtime = config.daemon.runtime_dir.rstrip("/")
     worker = kv = gpu = None
     if config.worker.enabled:
-        worker = WorkerHost(config.worker, cgfs, runtime)
+        worker = WorkerHost(config.worker, cgfs, runtime, executor=executor)
         kv = KvPlacer(worker, config.gpu.placement(), f"{runtime}/durations.json")
         hooks.add(worker)
         hooks.add(kv)

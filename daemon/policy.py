@@ -24,7 +24,6 @@ from agentcg.adapters.psi import PsiUnsupported, SignalWatch
 from agentcg.core.policy import (
     CallView, CgroupView, HostView, PolicyState, Ruleset, SessionView, Snapshot, TriggerEvent, plan,
 )
-from agentcg.core.policy import load_ruleset  # noqa: F401  (app.py builds the ruleset through here)
 
 log = logging.getLogger("agentcg.policy")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")  # the unit of memory.{high,max,low}
@@ -48,14 +47,18 @@ class PolicyLoop:
     name = "policy"
 
     def __init__(self, cgfs: CgroupFs, ruleset: Ruleset, *, dry_run: bool = False, keep_last: int = 50,
-                 psi_stall_us: int = 10_000, psi_window_us: int = 500_000):
+                 psi_stall_us: int = 10_000, psi_window_us: int = 500_000, executor: Executor | None = None,
+                 files: OpenFiles | None = None, watch: SignalWatch | None = None):
+        """executor, files and watch: the shared writer, the kept-open
+        interface files and the kernel signal watch (built by daemon/app.py;
+        made here when not given)."""
         self.cgfs = cgfs
         self.ruleset = ruleset
         self.dry_run = dry_run or ruleset.dry_run
-        self.executor = Executor(cgfs)
+        self.executor = executor or Executor(cgfs)
         # every tick reads the same files of the same cgroups: kept open (one pread each)
-        self.views = ViewReader(OpenFiles(cgfs))
-        self.watch = SignalWatch()
+        self.views = ViewReader(files or OpenFiles(cgfs))
+        self.watch = watch or SignalWatch()
         self.state = PolicyState()
         self.last: collections.deque[Applied] = collections.deque(maxlen=keep_last)
         self.sessions: dict[str, Any] = {}

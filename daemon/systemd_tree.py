@@ -19,6 +19,7 @@ import subprocess
 from collections.abc import Callable
 
 from agentcg.adapters.cgroupfs import CgroupFs
+from agentcg.adapters.executor import Executor
 
 log = logging.getLogger("agentcg.daemon")
 
@@ -70,7 +71,7 @@ def find_tree_root(unit: str, own_unit_cgroup: str, mount: str) -> str | None:
     return path
 
 
-def move_holder(cgfs: CgroupFs) -> list[int]:
+def move_holder(cgfs: CgroupFs, executor: Executor) -> list[int]:
     """Move every process of the tree root's own cgroup (the tree unit's
     holder, where systemd started it) into <root>/holder: controllers can
     only be enabled for children of a cgroup with no processes of its own.
@@ -79,7 +80,7 @@ def move_holder(cgfs: CgroupFs) -> list[int]:
     moved = []
     for pid in cgfs.procs(""):
         try:
-            cgfs.place(HOLDER_LEAF, pid)
+            executor.place(HOLDER_LEAF, pid)
         except ProcessLookupError:
             continue
         moved.append(pid)

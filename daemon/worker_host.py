@@ -34,6 +34,7 @@ import time
 from typing import Any, Callable
 
 from agentcg.adapters.cgroupfs import CgroupFs, CgroupGone
+from agentcg.adapters.executor import Executor
 from agentcg.adapters.worker import UNKNOWN, WorkerAdapter
 from agentcg.core.config_gpu import WorkerConfig
 
@@ -68,9 +69,11 @@ class WorkerHost:
     name = "worker"
 
     def __init__(self, cfg: WorkerConfig, cgfs: CgroupFs | None, runtime_dir: str, *,
-                 command: list[str] | None = None, emit: Callable[[dict[str, Any]], None] | None = None):
+                 executor: Executor | None = None, command: list[str] | None = None, emit: Callable[[dict[str, Any]], None] | None = None):
         self.cfg = cfg
         self.cgfs = cgfs
+        # every write to the worker's cgroup goes through the daemon's one writer
+        self.executor = executor if executor is not None or cgfs is None else Executor(cgfs)
         self.socket = cfg.socket_in(runtime_dir)
         self.command = command or [sys.executable, "-m", "agentcg.worker.main"]
         self.emit = emit or (lambda event: None)
@@ -146,10 +149,10 @@ class WorkerHost:
             self.cgfs.create(CGROUP)
             if self.cgfs.procs(CGROUP):   # left behind by a daemon that was killed
                 log.warning("a worker left running in %s is killed; a fresh one is started", CGROUP)
-                self.cgfs.kill(CGROUP, "worker left by a previous agentcgd")
+                self.executor.kill(CGROUP, "worker left by a previous agentcgd")
                 self.cgfs.wait_unpopulated(CGROUP, STOP_GRACE_S)
             if self.cfg.memory_max_bytes is not None:
-                res = self.cgfs.apply_limits(CGROUP, {"memory.max": str(self.cfg.memory_max_bytes)},
+                res = self.executor.apply_limits(CGROUP, {"memory.max": str(self.cfg.memory_max_bytes)},
                                              "worker.memory_max")
                 if res["skipped"]:
                     log.warning("worker.memory_max not applied: no memory controller in %s", self.cgfs.root)
@@ -160,7 +163,7 @@ class WorkerHost:
     async def _spawn(self) -> asyncio.subprocess.Process:
         argv = self.argv()
         if self.cgfs is not None:
-            procs = str(self.cgfs.path(CGROUP) / "cgroup.procs")
+            procs = self.executor.entry_file(CGROUP)
             argv = ["/bin/sh", "-c", ENTER_AND_EXEC, "sh", procs, *argv]
         return await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
                                                     stdout=asyncio.subprocess.PIPE,
@@ -257,7 +260,7 @@ class WorkerHost:
         if self.cgfs is not None and not self.cfg.attach:
             try:
                 if self.cgfs.procs(CGROUP):
-                    self.cgfs.kill(CGROUP, "agentcgd stopped")
+                    self.executor.kill(CGROUP, "agentcgd stopped")
             except (OSError, CgroupGone):
                 pass
 

@@ -86,6 +86,11 @@ def pid_cgroup_text(pid: int | str = "self", *, proc: str = "/proc") -> str | No
         os.close(fd)
 
 
+def pid_exists(pid: int, *, proc: str = "/proc") -> bool:
+    """Whether /proc has process pid (alive, or a zombie not yet reaped)."""
+    return os.path.exists(f"{proc}/{pid}")
+
+
 def mounts_text(path: str = "/proc/self/mounts") -> str:
     """The mount table (/proc/self/mounts, or a copy of it at `path`)."""
     with open(path) as f:

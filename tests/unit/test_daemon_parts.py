@@ -11,7 +11,7 @@ from agentcg.core.intents import Intent
 from agentcg.core.model import Limits
 from agentcg.daemon.app import choose_root
 from agentcg.daemon.hooks import Hooks
-from agentcg.daemon.service import Peer, check_pid
+from agentcg.daemon.handlers import Peer, check_pid
 from agentcg.daemon.state import CallRecord, Journal, SessionRecord, load_state, save_state
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from fake_pynvml import NVML_ERROR_LIBRARY_NOT_FOUND, FakePynvml, proc
 from agentcg.adapters.cgroupfs import CgroupFs
+from agentcg.adapters.executor import Executor
 from agentcg.adapters.nvml import Nvml
 from agentcg.core.config import ConfigError, parse_config
 from agentcg.core.intents import Intent
@@ -71,10 +72,12 @@ class Pool:
 
 
 class Owner:
-    """What the coordinator reads of the daemon: its sessions, its cgroup tree, its events."""
+    """What the coordinator reads of the daemon: its sessions, its cgroup tree,
+    its one writer, its events."""
 
     def __init__(self, root: Path):
         self.cgfs = CgroupFs(root)
+        self.executor = Executor(self.cgfs)
         self.mount = str(root.parent)
         self.sessions: dict[str, SessionRecord] = {}
         self.events: list[dict] = []
