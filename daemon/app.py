@@ -76,8 +76,11 @@ def build(config: Config, *, root: str | None = None, mount: str | None = None,
     hooks.add(PolicyLoop(cgfs, load_ruleset(config.policy)))
     from .gpu import add_gpu_hooks
     bind_gpu = add_gpu_hooks(config, cgfs, hooks)   # [worker] and [gpu] (docs/gpu.md)
+    from .metrics import add_metrics_hook
+    bind_metrics = add_metrics_hook(config, hooks)  # [metrics] (docs/metrics.md)
     daemon = Daemon(config, cgfs, hooks, mount=mount, hierarchy=hierarchy)
     bind_gpu(daemon)
+    bind_metrics(daemon)
     return daemon
 
 
