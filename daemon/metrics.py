@@ -302,8 +302,7 @@ class Metrics:
                                           ["op", "mode"], registry=r)
         for reason in KILL_REASONS:
             self.kills.labels(reason)   # present at 0, so that rate() sees the first kill
-        self._ops = {op: self.requests.labels(op) for op in p.OPS}
-        self._other_op = self.requests.labels(OTHER)
+        self._ops: dict[str, Any] = {}       # op -> its histogram child, made at its first request
         self.commands = CommandLabels(cfg.max_commands, self._evict)
         self.session_calls: dict[str, tuple[int, int]] = {}
         self.call_commands: dict[tuple[str, int], str] = {}   # running call -> its label
@@ -333,7 +332,12 @@ class Metrics:
         daemon.handle = timed_handle
 
     def observe_request(self, op: Any, dur_ns: int) -> None:
-        self._ops.get(op, self._other_op).observe(dur_ns / 1e9)
+        if not isinstance(op, str) or op not in p.OPS:   # anything a client may send: bounded
+            op = OTHER
+        child = self._ops.get(op)
+        if child is None:
+            child = self._ops[op] = self.requests.labels(op)
+        child.observe(dur_ns / 1e9)
 
     def _evict(self, command: str) -> None:
         for metric, label_sets in ((self.calls_started, [(command,)]),

@@ -5,6 +5,7 @@ naming only exported metrics."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -242,3 +243,13 @@ def test_grafana_dashboard_and_docs_name_only_exported_metrics(tmp_path):
     base = {re.sub(r"_(total|bucket|count|sum|created)$", "", n) for n in names}
     missing = [n for n in sorted(base) if f"`{n}" not in doc]
     assert missing == []
+
+
+def test_request_ops_outside_the_protocol_share_one_label(tmp_path):
+    d, m = fake_daemon(tmp_path)
+    for op in ("status", "no.such.op", ["a", "list"], None):
+        with pytest.raises(Exception) if op != "status" else contextlib.nullcontext():
+            asyncio.run(d.handle({"v": 1, "id": 1, "op": op}, ROOT))
+    ops = {s.labels["op"]: s.value for s in families(m)["agentcg_request_duration_seconds"]
+           if s.name.endswith("_count")}
+    assert ops == {"status": 1, "other": 3}
