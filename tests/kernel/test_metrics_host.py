@@ -111,3 +111,28 @@ def test_other_paths_and_methods(metrics_daemon):
     with pytest.raises(urllib.error.HTTPError) as exc:
         urllib.request.urlopen(urllib.request.Request(base + "/metrics", data=b"x", method="POST"), timeout=10)
     assert exc.value.code == 405
+
+
+def test_without_the_package_the_log_and_status_say_so(request, tmp_path, monkeypatch):
+    """A daemon whose interpreter cannot import prometheus_client (a package
+    of that name that raises ImportError, first on its path) runs on and says why."""
+    shim = tmp_path / "shim" / "prometheus_client"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text('raise ImportError("No module named prometheus_client")\n')
+    monkeypatch.setenv("PYTHONPATH", str(shim.parent))
+    root, runtime = daemon_dirs(request, require_cgroup2())
+    conf = tmp_path / "agentcg.toml"
+    conf.write_text('[metrics]\nlisten = "127.0.0.1:0"\n')
+    d = Agentcgd(root, runtime, extra_args=["--config", str(conf)]).start()
+    try:
+        c = Client(d.socket)
+        m = c.status()["hooks"]["metrics"]
+        assert m["state"] == "unavailable" and "agentcg[metrics]" in m["reason"]
+        with c.session("nometrics") as s:
+            assert s.run(["true"]).exit_status == 0     # the daemon works on
+    finally:
+        d.stop(signal.SIGTERM)
+        remove_daemon_tree(root)
+        shutil.rmtree(runtime, ignore_errors=True)
+    log = d.proc.stderr.read().decode()
+    assert "prometheus_client is not installed" in log and "no metrics endpoint" in log

@@ -253,3 +253,15 @@ def test_request_ops_outside_the_protocol_share_one_label(tmp_path):
     ops = {s.labels["op"]: s.value for s in families(m)["agentcg_request_duration_seconds"]
            if s.name.endswith("_count")}
     assert ops == {"status": 1, "other": 3}
+
+
+def test_a_port_in_use_is_reported_and_the_hook_returns(tmp_path):
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        d, m = fake_daemon(tmp_path, f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+        asyncio.run(asyncio.wait_for(m.run(d), 5))
+    st = d.hooks.status()["metrics"]
+    assert st["state"] == "failed" and f"127.0.0.1:{port}" in st["reason"] and st["address"] is None
