@@ -138,6 +138,13 @@ def _read(cgfs: Any, rel: str, name: str) -> str | None:
         return None
 
 
+def _procs(cgfs: Any, rel: str) -> list[int]:
+    try:
+        return cgfs.procs(rel)
+    except OSError:
+        return []
+
+
 def rss_bytes(pids: list[int]) -> int:
     """Summed VmRSS of `pids` (those that exited meanwhile count 0)."""
     total = 0
@@ -192,8 +199,8 @@ class Collector:
             ended.add_metric(v, counts[1])
             current = parse_int(_read(cgfs, rel, "memory.current"))
             if current is None:
-                pids = cgfs.procs(f"{rel}/agent") + [pid for c in list(s.calls.values()) for pid in cgfs.procs(c.rel)]
-                current = rss_bytes(pids)
+                leaves = [f"{rel}/agent"] + [c.rel for c in list(s.calls.values())]
+                current = rss_bytes([pid for leaf in leaves for pid in _procs(cgfs, leaf)])
             mem.add_metric(v, current)
             top = parse_int(_read(cgfs, rel, "memory.peak"))
             if top is not None:
