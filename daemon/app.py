@@ -85,9 +85,12 @@ def build(config: Config, *, root: str | None = None, mount: str | None = None,
     hooks.add(PolicyLoop(cgfs, config.ruleset, executor=executor, files=OpenFiles(cgfs), watch=SignalWatch()))
     from .gpu import add_gpu_hooks
     bind_gpu = add_gpu_hooks(config, cgfs, executor, hooks)   # [worker] and [gpu] (docs/gpu.md)
+    from .metrics import add_metrics_hook
+    bind_metrics = add_metrics_hook(config, hooks)  # [metrics] (docs/metrics.md)
     daemon = Daemon(config, cgfs, hooks, mount=mount, hierarchy=hierarchy, executor=executor,
                     journal=Journal(config.daemon.state_file), events=EventLog(config.daemon.event_log_file))
     bind_gpu(daemon)
+    bind_metrics(daemon)
     return daemon
 
 

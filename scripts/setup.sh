@@ -30,8 +30,8 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check "torch==${AGENTCG_TORCH_VERSION:-2.13.0}" \
     || .venv/bin/pip install -q --disable-pip-version-check --index-url https://download.pytorch.org/whl/cpu torch
 fi
-say "installing agentcg (editable) with extras test,worker,bench,gpu,integrations"
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test,worker,bench,gpu,integrations]' 2>&1 \
+say "installing agentcg (editable) with extras test,worker,bench,gpu,integrations,metrics"
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test,worker,bench,gpu,integrations,metrics]' 2>&1 \
   | grep -vE "^WARNING: Location|BuildBackendWarning|^ +|^\s*$|!!|\*\*\*|corresp|return|with strategy" >&2 || true
 if [ -f bpf/Makefile ]; then
   say "building BPF objects"

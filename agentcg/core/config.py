@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from agentcg.core.config_gpu import GpuSettings, WorkerConfig, parse_gpu, parse_worker
+from agentcg.core.config_metrics import MetricsConfig, parse_metrics
 from agentcg.core.errors import FieldError
 from agentcg.core.intents import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, Intent, IntentError
 from agentcg.core.model import Grant
@@ -124,6 +125,7 @@ class Config:
     auto_rules: tuple = ()  # [[auto_rules]]: automatic mode's command -> intent rules (core.rules_match)
     worker: WorkerConfig = field(default_factory=WorkerConfig)   # [worker] (core/config_gpu.py)
     gpu: GpuSettings = field(default_factory=GpuSettings)        # [gpu] (core/config_gpu.py)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # [metrics] (core/config_metrics.py)
 
     def grant_for(self, uid: int) -> Grant:
         """The grant of `uid`: its own table, else root's (uid 0), else the default."""
@@ -157,7 +159,8 @@ def parse_config(text: str) -> Config:
 
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:
-    _only(data, ("daemon", "defaults", "grants", "policy", "bpf", "auto_rules", "worker", "gpu"), "")
+    _only(data, ("daemon", "defaults", "grants", "policy", "bpf", "auto_rules", "worker", "gpu",
+                 "metrics"), "")
     daemon = _daemon(data.get("daemon", {}))
     defaults = data.get("defaults", {})
     _table(defaults, "defaults")
@@ -195,7 +198,8 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
                   policy=None if policy is None else dict(policy), ruleset=ruleset,
                   bpf=_bpf(data.get("bpf", {})),
                   auto_rules=_auto_rules(data.get("auto_rules")),
-                  worker=parse_worker(data.get("worker", {})), gpu=parse_gpu(data.get("gpu", {})))
+                  worker=parse_worker(data.get("worker", {})), gpu=parse_gpu(data.get("gpu", {})),
+                  metrics=parse_metrics(data.get("metrics", {})))
 
 
 def _bpf(tbl: Any) -> BpfConfig:
