@@ -63,7 +63,6 @@ DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 9
 MEMORY_BUCKETS_BYTES = tuple(float(1 << s) for s in range(20, 37, 2))   # 1 MiB .. 64 GiB, x4
 HTTP_HEAD_MAX_BYTES = 8192
 HTTP_READ_TIMEOUT_S = 5.0
-ROOT_PEER_UID = 0
 
 
 def command_class(argv: list[str] | None, name: str) -> str:
@@ -113,7 +112,7 @@ class CommandLabels:
 
 
 class _EventSink:
-    """Stands in for a subscriber's queue in daemon.subscribers: each event
+    """Stands in for a subscriber's queue in the event log's subscribers: each event
     is counted at once, where it is emitted."""
 
     def __init__(self, fn: Callable[[dict[str, Any]], None]):
@@ -124,11 +123,6 @@ class _EventSink:
             self.fn(event)
         except Exception:   # a metric must never fail an emit
             log.exception("metrics: event %s not counted", event.get("type"))
-
-
-def _root_peer() -> Any:
-    from .service import Peer
-    return Peer(pid=0, uid=ROOT_PEER_UID, gid=0, conn=0)
 
 
 def _read(cgfs: Any, rel: str, name: str) -> str | None:
@@ -326,7 +320,7 @@ class Metrics:
     def bind(self, daemon: Any) -> None:
         """Read the daemon's records at scrape time, count its events, time its requests."""
         self.daemon = daemon
-        daemon.subscribers.append((_root_peer(), _EventSink(self.on_event)))
+        daemon.events.subscribers.append((None, _EventSink(self.on_event)))   # None: sees every event
         handle = daemon.handle
 
         async def timed_handle(msg: dict[str, Any], peer: Any) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from agentcg.core.config import Config, ConfigError, parse_config
 from agentcg.daemon import metrics as metrics_mod
 from agentcg.daemon.hooks import Hooks
 from agentcg.daemon.metrics import OTHER, CommandLabels, add_metrics_hook, command_class
-from agentcg.daemon.service import Daemon, Peer
+from agentcg.daemon.handlers import Peer
+from agentcg.daemon.service import Daemon
 
 REPO = Path(__file__).resolve().parents[2]
 prom_parser = pytest.importorskip("prometheus_client.parser", reason="the metrics extra (prometheus_client)")
