@@ -11,6 +11,14 @@ Measures, in one run:
   placement_p50_us/p99_us automatic mode through the real agentcgd: time from the
                           child's exec (kernel timestamp) to its move into a fresh
                           tool-call cgroup
+  stop_on/stop_off        automatic mode with [bpf] stop_until_placed on and off, in
+                          alternating daemon runs: each child's first action reads its
+                          own cgroup (grep ^0:: /proc/self/cgroup); outside_first_action
+                          counts those that saw the agent's cgroup instead of their call's;
+                          outside_us is how long a child could run outside its call
+                          (exec -> placement when not stopped, 0 when stopped: it runs only
+                          after SIGCONT, sent after the move); exec_to_continued_us is the
+                          exec latency the stop adds (exec -> SIGCONT sent)
 Writes bench/results/bpf_tracker.json.
 """
 from __future__ import annotations
@@ -163,13 +171,34 @@ sys.stdin.readline()
 """
 
 
-def placement(mnt: Path, calls: int, log) -> dict:
+FIRST_ACTION_AGENT = r"""
+import subprocess, sys
+n, seen_agent = int(sys.argv[1]), 0
+for _ in range(n):
+    p = subprocess.Popen(["/bin/grep", "^0::", "/proc/self/cgroup"], stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline().strip()
+    p.wait()
+    seen_agent += line.endswith("/agent")
+print("done", seen_agent, flush=True)
+sys.stdin.readline()
+"""
+
+
+def placement(mnt: Path, calls: int, log, config: str = "", agent_src: str = AGENT) -> dict:
+    res, _ = run_auto(mnt, calls, log, config, agent_src)
+    return res
+
+
+def run_auto(mnt: Path, calls: int, log, config: str = "", agent_src: str = AGENT) -> tuple[dict, dict]:
+    """One daemon run of `calls` automatic-mode calls: (placement summary, raw samples)."""
     from agentcg.client import Client
     tag = f"agentcg-bench-{os.getpid()}"
     root, runtime = mnt / tag, Path("/tmp") / tag
     runtime.mkdir(exist_ok=True)
     sock = runtime / "agentcg.sock"
-    d = subprocess.Popen([sys.executable, "-m", "agentcg.daemon.app", "--cgroup-root", str(root),
+    cfg = runtime / "agentcg.toml"
+    cfg.write_text(config)
+    d = subprocess.Popen([sys.executable, "-m", "agentcg.daemon.app", "--config", str(cfg), "--cgroup-root", str(root),
                           "--runtime-dir", str(runtime), "--no-require-controllers", "--log-level", "warning"])
     agent = None
     try:
@@ -179,7 +208,7 @@ def placement(mnt: Path, calls: int, log) -> dict:
             time.sleep(0.02)
         with Client(str(sock)) as c:
             c.request("session.create", name="bench", retry_s=10.0)
-            agent = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline()\n" + AGENT, str(calls)],
+            agent = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline()\n" + agent_src, str(calls)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             c.request("session.attach", name="bench", pid=agent.pid)
             deadline = time.monotonic() + 10
@@ -189,9 +218,15 @@ def placement(mnt: Path, calls: int, log) -> dict:
                 time.sleep(0.02)
             agent.stdin.write("go\n")
             agent.stdin.flush()
-            agent.stdout.readline()
+            done = agent.stdout.readline().split()
             time.sleep(0.5)
             events = [json.loads(line) for line in (runtime / "events.jsonl").read_text().splitlines()]
+            autos = [e for e in events if e.get("type") == "call.auto"]
+            raw = {"placement_us": [e["placement_us"] for e in autos],
+                   "stopped": [bool(e.get("stopped")) for e in autos],
+                   "continued_us": [e["continued_us"] for e in autos if e.get("continued_us") is not None],
+                   "outside_first_action": int(done[1]) if len(done) > 1 else None,
+                   "failed": sum(1 for e in events if e.get("type") == "call.auto.failed")}
             us = sorted(e["placement_us"] for e in events if e.get("type") == "call.auto")
             seen = sorted(e["seen_us"] for e in events if e.get("type") == "call.auto")
             cs = sorted(e.get("call_start_us", 0) for e in events if e.get("type") == "call.auto")
@@ -207,13 +242,49 @@ def placement(mnt: Path, calls: int, log) -> dict:
                         f"find {root} -depth -type d -exec rmdir {{}} \\; 2>/dev/null"], check=False)
         shutil.rmtree(runtime, ignore_errors=True)
     if not us:
-        return {"placement_p50_us": None, "placement_p99_us": None, "placement_samples": 0}
+        return {"placement_p50_us": None, "placement_p99_us": None, "placement_samples": 0}, raw
     pick = lambda q: round(us[min(len(us) - 1, int(q * len(us)))], 1)  # noqa: E731
     log(f"placement: {len(us)} auto calls, p50 {pick(0.5)} us, p99 {pick(0.99)} us, max {us[-1]:.0f} us")
     seen_p = lambda q: round(seen[min(len(seen) - 1, int(q * len(seen)))], 1)  # noqa: E731
     return {"call_start_p50_us": round(cs[len(cs) // 2], 1) if cs else None,
             "event_seen_p50_us": seen_p(0.5), "event_seen_p99_us": seen_p(0.99), "placement_p50_us": pick(0.5), "placement_p99_us": pick(0.99), "placement_max_us": round(us[-1], 1),
-            "placement_samples": len(us), "placement_lost_events": status.get("lost_events")}
+            "placement_samples": len(us), "placement_lost_events": status.get("lost_events")}, raw
+
+
+def _p(xs: list[float], q: float) -> float | None:
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(q * len(xs)))], 1) if xs else None
+
+
+def stop_compare(mnt: Path, rounds: int, calls: int, log) -> dict:
+    """Stop until placed on vs off, alternating daemon runs (see the module doc)."""
+    acc = {m: {"outside_us": [], "continued_us": [], "placement_us": [], "outside_first_action": 0,
+               "calls": 0, "stopped": 0, "failed": 0} for m in ("on", "off")}
+    for r in range(rounds):
+        for mode in (("on", "off") if r % 2 == 0 else ("off", "on")):
+            cfg = f"[bpf]\nstop_until_placed = {'true' if mode == 'on' else 'false'}\n"
+            _, raw = run_auto(mnt, calls, log, cfg, FIRST_ACTION_AGENT)
+            a = acc[mode]
+            a["placement_us"] += raw["placement_us"]
+            a["outside_us"] += [0.0 if st else us for us, st in zip(raw["placement_us"], raw["stopped"])]
+            a["continued_us"] += raw["continued_us"]
+            a["outside_first_action"] += raw["outside_first_action"] or 0
+            a["calls"] += calls
+            a["stopped"] += sum(raw["stopped"])
+            a["failed"] += raw["failed"]
+            log(f"stop {mode} round {r + 1}/{rounds}: {raw['outside_first_action']} of {calls} first actions "
+                f"outside their call, placement p50 {_p(raw['placement_us'], 0.5)} us")
+    out = {}
+    for mode, a in acc.items():
+        out[f"stop_{mode}"] = {
+            "calls": a["calls"], "stopped": a["stopped"], "auto_failed": a["failed"],
+            "outside_first_action": a["outside_first_action"],
+            "outside_us_p50": _p(a["outside_us"], 0.5), "outside_us_p99": _p(a["outside_us"], 0.99),
+            "outside_us_max": _p(a["outside_us"], 1.0),
+            "exec_to_continued_us_p50": _p(a["continued_us"], 0.5) if mode == "on" else 0.0,
+            "exec_to_continued_us_p99": _p(a["continued_us"], 0.99) if mode == "on" else 0.0,
+            "placement_us_p50": _p(a["placement_us"], 0.5), "placement_us_p99": _p(a["placement_us"], 0.99)}
+    return out
 
 
 def main() -> None:
@@ -222,6 +293,8 @@ def main() -> None:
     ap.add_argument("--spawns", type=int, default=200, help="fork+exec+exit per round (default 200)")
     ap.add_argument("--load-s", type=float, default=3.0, help="seconds of 2-process spawn load (default 3)")
     ap.add_argument("--calls", type=int, default=200, help="automatic-mode calls (default 200)")
+    ap.add_argument("--stop-rounds", type=int, default=4, help="alternating stop on/off daemon runs each (default 4)")
+    ap.add_argument("--stop-calls", type=int, default=50, help="automatic-mode calls per stop run (default 50)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "bpf_tracker.json"))
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -243,6 +316,7 @@ def main() -> None:
         leaf.rmdir()
         root.rmdir()
     res.update(placement(mnt, args.calls, log))
+    res.update(stop_compare(mnt, args.stop_rounds, args.stop_calls, log))
     lb = Libbpf.get()
     res["environment"] = {"kernel": platform.release(), "cpus": os.cpu_count(), "libbpf": lb.version_str,
                           "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],

@@ -29,6 +29,8 @@ typedef uint64_t __u64;
 #define AGENTCG_RINGBUF_BYTES (1 << 20)
 #define AGENTCG_MAX_CGROUPS 8192     /* per-cgroup stats and policy maps */
 #define AGENTCG_MAX_TASKS 65536      /* run-queue start timestamps */
+#define AGENTCG_MAX_AGENTS 1024      /* registered agents (automatic mode) */
+#define AGENTCG_MAX_STOPPED 4096     /* processes stopped at exec, waiting for placement */
 
 /* Event kinds carried in struct agentcg_event.type. */
 enum agentcg_event_type {
@@ -42,7 +44,8 @@ enum agentcg_event_type {
 /* Event flags. */
 enum agentcg_event_flag {
 	AGENTCG_EVF_ARGS_TRUNCATED = 1,
-	NR_AGENTCG_EVF = 2,
+	AGENTCG_EVF_STOPPED = 2,   /* EXEC: SIGSTOP sent before user space; the daemon continues it */
+	NR_AGENTCG_EVF = 4,
 };
 
 /* Network intent per cgroup (value of the netpolicy map). */
@@ -59,6 +62,8 @@ enum agentcg_counter {
 	AGENTCG_CTR_EVENTS = 1,         /* events submitted */
 	AGENTCG_CTR_RUNQ_MISSES = 2,    /* runq samples lost: start map full */
 	AGENTCG_CTR_NET_DENIED = 3,     /* socket/connect/sendmsg/bind refused */
+	AGENTCG_CTR_EXEC_STOPS = 4,     /* agent children stopped at exec until placed */
+	AGENTCG_CTR_STOP_FAILS = 5,     /* bpf_send_signal(SIGSTOP) refused: ran unstopped */
 	NR_AGENTCG_CTR,
 };
 
@@ -78,6 +83,23 @@ struct agentcg_event {
 	__u32 args_len;        /* bytes used in args */
 	__u32 _pad;
 	char args[AGENTCG_ARGS_LEN];
+};
+
+/*
+ * Stop until placed (automatic mode): hash map "agent_cgs" (key = an agent
+ * cgroup's id, value = struct agentcg_agent) names the agents; the array map
+ * "stop_ctl" (one __u32, key 0) is 1 while the daemon consumes events; hash
+ * map "stopped" (key = tgid) holds each process stopped at exec until it is
+ * continued (deleted by the daemon, or by the exit hook if it dies stopped).
+ */
+struct agentcg_agent {
+	__u32 tgid;            /* the agent's process id: its direct children are stopped at exec */
+	__u32 _pad;
+};
+
+struct agentcg_stopped {
+	__u64 stop_ns;         /* bpf_ktime_get_ns() when SIGSTOP was sent */
+	__u64 start_boottime_ns; /* task->start_boottime: /proc/PID/stat starttime, to tell pid reuse */
 };
 
 /* Per-cgroup counters (hash map "cg_stats", key = cgroup id). */
@@ -120,6 +142,7 @@ _Static_assert(AGENTCG_RINGBUF_BYTES >= 64 * sizeof(struct agentcg_event), "ring
 _Static_assert((AGENTCG_RINGBUF_BYTES & (AGENTCG_RINGBUF_BYTES - 1)) == 0, "ring buffer size must be a power of 2");
 _Static_assert((AGENTCG_ARGS_LEN & (AGENTCG_ARGS_LEN - 1)) == 0, "args length is used as a mask");
 _Static_assert(AGENTCG_RUNQ_SLOTS <= 64, "log2 of a u64 has at most 64 slots");
+_Static_assert(sizeof(struct agentcg_stopped) == 16, "stopped entry is two u64");
 _Static_assert(NR_AGENTCG_EV <= 255, "event type fits a byte");
 
 #endif /* AGENTCG_H */

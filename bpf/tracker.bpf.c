@@ -8,7 +8,12 @@
  *   - per-cgroup counters of forks, execs, exits and OOM victims;
  *   - run-queue latency (wakeup -> switch-in, and preempted -> switch-in)
  *     per cgroup as a log2 histogram;
- *   - oom/mark_victim -> an event naming the victim and its cgroup.
+ *   - oom/mark_victim -> an event naming the victim and its cgroup;
+ *   - stop until placed (automatic mode): a direct child of a registered
+ *     agent, exec'ing in the agent's cgroup, gets SIGSTOP from the exec hook
+ *     (bpf_send_signal: pending before the exec returns to user space, so the
+ *     new program runs no instruction before the daemon has moved it into its
+ *     tool call and sent SIGCONT). Only while stop_ctl[0] is 1.
  * It decides nothing: the daemon attributes processes to tool calls, moves
  * them and reacts. Every hook exists twice, as tp_btf (preferred: typed
  * arguments, direct loads: tracker.bpf.o) and raw_tp (fallback, probe reads:
@@ -23,6 +28,9 @@ char LICENSE[] SEC("license") = "GPL";
 const volatile __u64 filter_cgid = 0;      /* 0: trace every task */
 const volatile __u32 filter_level = 1;     /* depth of filter_cgid below the cgroup2 root */
 const volatile __u64 runq_min_ns = 1;      /* ignore shorter run-queue waits */
+const volatile __u32 stop_allowed = 1;     /* 0: no bpf_send_signal in the object (kernels that refuse it) */
+
+#define AGENTCG_SIGSTOP 19                 /* same number on every architecture the loader supports */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -49,6 +57,27 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } runq_start SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, AGENTCG_MAX_AGENTS);
+	__type(key, __u64);
+	__type(value, struct agentcg_agent);
+} agent_cgs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} stop_ctl SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, AGENTCG_MAX_STOPPED);
+	__type(key, __u32);
+	__type(value, struct agentcg_stopped);
+} stopped SEC(".maps");
 
 static __always_inline struct agentcg_cg_stats *stats_of(__u64 cgid)
 {
@@ -134,6 +163,41 @@ static __always_inline int on_fork(struct task_struct *parent, struct task_struc
 	return 0;
 }
 
+/*
+ * Automatic mode: stop a registered agent's direct child at its exec, so that
+ * it first runs in its tool call. The "stopped" entry is written first: the
+ * daemon and its watchdog continue only what is listed there.
+ */
+static __always_inline void stop_if_agent_child(struct task_struct *p, struct agentcg_event *e)
+{
+	struct agentcg_stopped st = {};
+	struct agentcg_agent *a;
+	__u32 zero = 0, *on, tgid = e->tgid;
+	__u64 cgid = e->cgroup_id;
+
+	if (!stop_allowed)
+		return;
+	on = bpf_map_lookup_elem(&stop_ctl, &zero);
+	if (!on || !*on)
+		return;
+	a = bpf_map_lookup_elem(&agent_cgs, &cgid);
+	if (!a || a->tgid != e->ppid || a->tgid == tgid)
+		return;
+	st.stop_ns = e->ts_ns;
+	st.start_boottime_ns = READ(p->start_boottime);
+	if (bpf_map_update_elem(&stopped, &tgid, &st, BPF_ANY)) {
+		count(AGENTCG_CTR_STOP_FAILS);
+		return;
+	}
+	if (bpf_send_signal(AGENTCG_SIGSTOP)) {
+		bpf_map_delete_elem(&stopped, &tgid);
+		count(AGENTCG_CTR_STOP_FAILS);
+		return;
+	}
+	e->flags |= AGENTCG_EVF_STOPPED;
+	count(AGENTCG_CTR_EXEC_STOPS);
+}
+
 static __always_inline int on_exec(struct task_struct *p, struct linux_binprm *bprm)
 {
 	struct agentcg_event *e;
@@ -157,6 +221,7 @@ static __always_inline int on_exec(struct task_struct *p, struct linux_binprm *b
 	if (len > 0 && len <= AGENTCG_ARGS_LEN &&
 	    bpf_probe_read_user(e->args, len, (const void *)arg_start) == 0)
 		e->args_len = len;
+	stop_if_agent_child(p, e);
 	submit(e);
 	return 0;
 }
@@ -169,6 +234,7 @@ static __always_inline int on_exit(struct task_struct *p)
 	bpf_map_delete_elem(&runq_start, &pid);
 	if (pid != READ(p->tgid))
 		return 0; /* a thread */
+	bpf_map_delete_elem(&stopped, &pid); /* died stopped (SIGKILL): nothing to continue */
 	e = begin(p, AGENTCG_EV_EXIT, STAT(exits));
 	if (!e)
 		return 0;

@@ -79,7 +79,8 @@ def build(config: Config, *, root: str | None = None, mount: str | None = None,
         escape_action = config.bpf.escape_action or config.daemon.straggler_policy
         hooks.add(BpfHook(cgfs.root, rules=config.auto_rules, escape_action=escape_action,
                           runq=config.bpf.runq_latency, network=config.bpf.network,
-                          sched_ext=config.bpf.sched_ext,
+                          sched_ext=config.bpf.sched_ext, stop_until_placed=config.bpf.stop_until_placed,
+                          stop_timeout_ms=config.bpf.stop_timeout_ms,
                           attribution=Attribution(rules=config.auto_rules, escape_action=escape_action)))
     from .policy import PolicyLoop
     hooks.add(PolicyLoop(cgfs, config.ruleset, executor=executor, files=OpenFiles(cgfs), watch=SignalWatch()))

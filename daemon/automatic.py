@@ -25,6 +25,7 @@ from agentcg.adapters.bpf import (BpfStatus, Feature, NetPolicy, SchedExt, Sched
                                   attached_names, cgroup_id, probe_host)
 from agentcg.adapters.libbpf import LibbpfError
 from agentcg.adapters.procfs import pid_exists
+from agentcg.adapters.stopguard import Watchdog, continue_stopped, sweep
 from agentcg.core.attribution import Attribution, CallFinished, MoveToCall, NewCall, OomVictim
 from agentcg.core.intents import Intent
 
@@ -45,7 +46,8 @@ class BpfHook:
 
     def __init__(self, root: str | os.PathLike, *, rules=(), escape_action: str = "keep",
                  runq: bool = True, network: bool = True, sched_ext: bool = True, placement_keep: int = 4096,
-                 attribution: Attribution | None = None):
+                 attribution: Attribution | None = None, stop_until_placed: bool = True,
+                 stop_timeout_ms: int = 2000):
         self.root = Path(root)
         self.attr = attribution or Attribution(rules=rules, escape_action=escape_action)
         self.tracker: Tracker | None = None
@@ -64,6 +66,12 @@ class BpfHook:
         self._auto_calls: set[tuple[str, int]] = set()
         self._pending_auto: set[int] = set()
         self.started = False
+        # stop until placed: agent children stopped at exec, continued here once in their call
+        self.stop_until_placed, self.stop_timeout_ms = stop_until_placed, stop_timeout_ms
+        self.watchdog: Watchdog | None = None
+        self.stop_wait_ns: deque[int] = deque(maxlen=placement_keep)   # exec -> continued
+        self._stopped_now: int | None = None     # tgid of the stopped exec being handled
+        self._agent_cgs: dict[str, int] = {}     # session -> agent cgroup id, in the tracker's map
         self.status_ = BpfStatus(reason="not started yet (loads when the daemon listens)")
 
     def start(self) -> None:
@@ -84,6 +92,7 @@ class BpfHook:
                                                    f"mark_victim{', runq latency' if runq else ''}")
             except (LibbpfError, OSError, KeyError) as exc:
                 feats["tracker"] = Feature("failed", str(exc).splitlines()[0])
+            self._start_stop(feats)
         else:
             feats["tracker"] = Feature("off", "needs tracing programs and ring buffers")
         if network and feats.get("cgroup_bpf", Feature("absent")).state == "available":
@@ -105,6 +114,55 @@ class BpfHook:
             except (SchedExtUnavailable, LibbpfError, OSError, KeyError) as exc:
                 feats["sched_ext"] = Feature("off", str(exc).splitlines()[0])
 
+    def _start_stop(self, feats: dict[str, Feature]) -> None:
+        """Stop until placed: on where the tracker may send SIGSTOP and its watchdog runs."""
+        tr = self.tracker
+        if not self.stop_until_placed:
+            feats["stop_until_placed"] = Feature("off", "[bpf] stop_until_placed = false: children run "
+                                                        "outside their call until placed")
+            return
+        if tr is None:
+            feats["stop_until_placed"] = Feature("off", "needs the tracker")
+            return
+        if not tr.stop_supported:
+            why = next((n for n in tr.load_notes if "with stop" in n), "bpf_send_signal refused")
+            feats["stop_until_placed"] = Feature("absent", f"kernel refused bpf_send_signal in the exec hook "
+                                                           f"({why}): children run outside their call until placed")
+            return
+        try:
+            self.watchdog = Watchdog(tr.stopped_map_fd(), self.stop_timeout_ms)
+            tr.set_stop(True)
+        except (LibbpfError, OSError) as exc:
+            feats["stop_until_placed"] = Feature("failed", str(exc).splitlines()[0])
+            return
+        feats["stop_until_placed"] = Feature("used", f"SIGSTOP at exec (bpf_send_signal) until placed; "
+                                                     f"watchdog continues after {self.stop_timeout_ms} ms")
+
+    def _check_watchdog(self) -> None:
+        """A dead watchdog: the bound no longer holds, so stop no more and continue all."""
+        if self.watchdog is None or self.watchdog.alive() or self.tracker is None:
+            return
+        code = self.watchdog.proc.returncode
+        self.watchdog = None
+        try:
+            self.tracker.set_stop(False)
+            sweep(self.tracker.stopped(), 0)
+        except (LibbpfError, OSError):
+            pass
+        self.status_.features["stop_until_placed"] = Feature("failed", f"watchdog exited ({code}): stop off")
+        if self.daemon is not None:
+            self.daemon.emit({"type": "bpf.stop.off", "uid": 0, "reason": f"watchdog exited ({code})"})
+
+    def _continue(self, tgid: int, exec_ts_ns: int) -> int:
+        """SIGCONT a child stopped at exec; ns from its exec to now."""
+        if self._stopped_now == tgid:
+            self._stopped_now = None
+        if self.tracker is not None:
+            continue_stopped(self.tracker.stopped(), tgid)
+        waited = max(0, time.monotonic_ns() - exec_ts_ns)
+        self.stop_wait_ns.append(waited)
+        return waited
+
     # -- lifecycle hooks ------------------------------------------------------
     def _cgid(self, path: Path) -> int | None:
         try:
@@ -122,6 +180,9 @@ class BpfHook:
     def on_session_end(self, session, path: Path) -> None:
         self.attr.session_ended(session.name)
         self._agents.pop(session.name, None)
+        cg = self._agent_cgs.pop(session.name, None)
+        if cg is not None and self.tracker is not None:
+            self.tracker.forget_agent(cg)
 
     def on_call_start(self, session, call, path: Path) -> None:
         cg = self._cgid(path)
@@ -220,7 +281,8 @@ class BpfHook:
         d = st.as_dict()
         d["processes"] = self.trees()
         d["automatic_mode"] = {"agents": dict(self._agents), "calls": self.auto_calls,
-                               "escapes": self.escapes, "placement": self.placement_summary()}
+                               "escapes": self.escapes, "placement": self.placement_summary(),
+                               "stop_until_placed": self.stop_summary()}
         d["tracked_processes"] = len(self.attr)
         return d
 
@@ -236,14 +298,30 @@ class BpfHook:
                 out[s.name] = calls
         return out
 
+    def stop_summary(self) -> dict[str, Any]:
+        """Children stopped at exec, refusals, and exec -> continued latency."""
+        out = _percentiles(self.stop_wait_ns)
+        if self.tracker is not None and self.tracker.stop_supported:
+            try:
+                out["stops"] = self.tracker.counter(T.AGENTCG_CTR_EXEC_STOPS)
+                out["stop_failures"] = self.tracker.counter(T.AGENTCG_CTR_STOP_FAILS)
+            except LibbpfError:
+                pass
+        out["enabled"] = self.watchdog is not None
+        return out
+
     def placement_summary(self) -> dict[str, Any]:
-        xs = sorted(self.placement_ns)
-        if not xs:
-            return {"count": 0}
-        pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))] / 1000  # noqa: E731
-        return {"count": len(xs), "p50_us": pick(0.50), "p99_us": pick(0.99)}
+        return _percentiles(self.placement_ns)
 
     def close(self) -> None:
+        if self.tracker is not None and self.watchdog is not None:
+            try:
+                self.tracker.set_stop(False)    # before the watchdog goes: nothing new is stopped
+            except LibbpfError:
+                pass
+        if self.watchdog is not None:
+            self.watchdog.close()               # it continues whatever is still listed
+            self.watchdog = None
         if self.sched is not None:
             self.sched.close()
             self.sched = None
@@ -271,6 +349,7 @@ class BpfHook:
         loop.add_reader(fd, self._drain, daemon)
         try:
             while True:
+                self._check_watchdog()
                 self._sync_agents(daemon)
                 self._drain(daemon)
                 await asyncio.sleep(0.1)
@@ -285,11 +364,15 @@ class BpfHook:
         except LibbpfError:
             return
         for ev in events:
+            self._stopped_now = ev.tgid if ev.stopped else None
             for d in self.attr.feed(ev):
                 try:
                     self._apply(daemon, d)
                 except Exception:  # one bad decision must not stop the tracker
                     log.exception("applying %s failed", d)
+            if self._stopped_now is not None:
+                # stopped but not placed by a decision (not a new call, or placement failed)
+                self._continue(self._stopped_now, ev.ts_ns)
 
     def _sync_agents(self, daemon) -> None:
         """Sessions with attached agent pids are in automatic mode."""
@@ -302,6 +385,9 @@ class BpfHook:
                     self.attr.add_cgroup(cg, s.name, None)
                     self.attr.register_agent(s.name, agents[0], cg)
                     self._agents[s.name] = agents[0]
+                    if self.tracker is not None:
+                        self.tracker.set_agent(cg, agents[0])
+                        self._agent_cgs[s.name] = cg
 
     def place_new_call(self, daemon, d) -> int | None:
         """Automatic mode: a fresh tool call for d.root_pid, then its early descendants."""
@@ -327,12 +413,15 @@ class BpfHook:
             daemon.place_in_call(s, n, pid)
         self.attr.call_placed(d.session, n, d.pids, root_pid=d.root_pid)
         self.placement_ns.append(max(0, placed_ns - d.exec_ts_ns))
+        stopped = self._stopped_now == d.root_pid
+        waited_ns = self._continue(d.root_pid, d.exec_ts_ns) if stopped else None
         self.auto_calls += 1
         daemon.emit({"type": "call.auto", "uid": s.uid, "session": d.session, "call": n, "pid": d.root_pid,
                      "pids": list(d.pids), "command": d.cmdline, "reason": d.reason,
                      "placement_us": (placed_ns - d.exec_ts_ns) / 1000,
                      "seen_us": (seen_ns - d.exec_ts_ns) / 1000,
-                     "call_start_us": (placed_ns - seen_ns) / 1000})
+                     "call_start_us": (placed_ns - seen_ns) / 1000, "stopped": stopped,
+                     "continued_us": waited_ns / 1000 if waited_ns is not None else None})
         return n
 
     def _apply(self, daemon, d) -> None:
@@ -358,3 +447,11 @@ class BpfHook:
             s = daemon.sessions.get(d.session)
             daemon.emit({"type": "oom.kill", "uid": s.uid if s else 0, "session": d.session, "call": d.call,
                          "pid": d.pid, "comm": d.comm})
+
+
+def _percentiles(ns: Any) -> dict[str, Any]:
+    xs = sorted(ns)
+    if not xs:
+        return {"count": 0}
+    pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))] / 1000  # noqa: E731
+    return {"count": len(xs), "p50_us": pick(0.50), "p99_us": pick(0.99)}

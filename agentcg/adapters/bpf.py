@@ -36,6 +36,7 @@ from agentcg.adapters.libbpf import (
     RingBuffer,
     VmlinuxBtf,
 )
+from agentcg.adapters.stopguard import StoppedMap, sweep
 from agentcg.core.attribution import ProcEvent
 
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
@@ -215,7 +216,8 @@ class Tracker(Loaded):
     """The process tracker (tracker.bpf.o): events, per-cgroup counters, run-queue latency."""
 
     def __init__(self, root_cgroup: str | os.PathLike | None, *, runq: bool = True,
-                 lb: Libbpf | None = None, obj_dir: Path | None = None, prefer: str = "tp_btf"):
+                 lb: Libbpf | None = None, obj_dir: Path | None = None, prefer: str = "tp_btf",
+                 stop: bool = True):
         names = {"tp_btf": "tracker.bpf.o", "raw_tp": "tracker_raw.bpf.o"}
         super().__init__(names[prefer], lb=lb, obj_dir=obj_dir)
         self._files = {flavor: str(self._dir / name) for flavor, name in names.items()}
@@ -227,15 +229,18 @@ class Tracker(Loaded):
         self.decode_errors = 0
         self.events = 0
         self.load_notes: list[str] = []
+        self.stop_supported = False   # the loaded object may bpf_send_signal(SIGSTOP) at exec
         flavors = [prefer] + [f for f in ("tp_btf", "raw_tp") if f != prefer]
+        # with the stop first; a kernel that refuses bpf_send_signal here gets the object without it
+        tries = [(f, st) for f in flavors for st in ((True, False) if stop else (False,))]
         last: Exception | None = None
-        for flavor in flavors:
+        for flavor, with_stop in tries:
             try:
-                self._open_load(flavor)
-                self.flavor = flavor
+                self._open_load(flavor, with_stop)
+                self.flavor, self.stop_supported = flavor, with_stop
                 break
             except LibbpfError as exc:
-                self.load_notes.append(f"{flavor}: {str(exc).splitlines()[0]}")
+                self.load_notes.append(f"{flavor}{' with stop' if with_stop else ''}: {str(exc).splitlines()[0]}")
                 last = exc
                 self.close()
         else:
@@ -249,10 +254,10 @@ class Tracker(Loaded):
             self.close()
             raise
 
-    def _open_load(self, flavor: str) -> None:
+    def _open_load(self, flavor: str, with_stop: bool) -> None:
         self.path = self._files[flavor]
         obj = self._open()
-        knobs: dict[str, int] = {}
+        knobs: dict[str, int] = {"stop_allowed": int(with_stop)}
         if self.root_cgroup:
             knobs["filter_cgid"] = cgroup_id(self.root_cgroup)
             knobs["filter_level"] = cgroup_level(self.root_cgroup)
@@ -317,6 +322,39 @@ class Tracker(Loaded):
                 self._obj.map(name).delete(key)
             except LibbpfError:
                 pass
+
+    # -- stop until placed (automatic mode; see agentcg/adapters/stopguard.py) ----
+    def set_agent(self, cgid: int, tgid: int) -> None:
+        """Direct children of `tgid` exec'ing in cgroup `cgid` are stopped at exec (while enabled)."""
+        self._obj.map("agent_cgs").update(ctypes.c_uint64(cgid), T.AgentcgAgent(tgid=tgid))
+
+    def forget_agent(self, cgid: int) -> None:
+        try:
+            self._obj.map("agent_cgs").delete(ctypes.c_uint64(cgid))
+        except LibbpfError:
+            pass
+
+    def set_stop(self, on: bool) -> None:
+        """The in-kernel switch: on only while the daemon consumes events and its watchdog runs."""
+        if on and not self.stop_supported:
+            raise RuntimeError("this tracker was loaded without the stop (bpf_send_signal refused)")
+        self._obj.map("stop_ctl").update(ctypes.c_uint32(0), ctypes.c_uint32(int(on)))
+
+    def stopped_map_fd(self) -> int:
+        return self._obj.map("stopped").fd
+
+    def stopped(self) -> StoppedMap:
+        return StoppedMap(self._lb.lib, self.stopped_map_fd())
+
+    def close(self) -> None:
+        # nothing may stay stopped once the hooks are gone: switch off, continue all, then detach
+        if self._obj is not None and self.stop_supported and self.links:
+            try:
+                self.set_stop(False)
+                sweep(self.stopped(), 0)
+            except (LibbpfError, OSError):
+                pass
+        super().close()
 
     def _release(self) -> None:
         if self._rb is not None:

@@ -16,6 +16,8 @@ AGENTCG_RUNQ_SLOTS = 32
 AGENTCG_RINGBUF_BYTES = 1 << 20
 AGENTCG_MAX_CGROUPS = 8192
 AGENTCG_MAX_TASKS = 65536
+AGENTCG_MAX_AGENTS = 1024
+AGENTCG_MAX_STOPPED = 4096
 
 AGENTCG_EV_FORK = 1
 AGENTCG_EV_EXEC = 2
@@ -23,6 +25,7 @@ AGENTCG_EV_EXIT = 3
 AGENTCG_EV_OOM = 4
 NR_AGENTCG_EV = 5
 AGENTCG_EVF_ARGS_TRUNCATED = 1
+AGENTCG_EVF_STOPPED = 2
 
 AGENTCG_NET_FULL = 0
 AGENTCG_NET_LOCAL = 1
@@ -34,7 +37,9 @@ AGENTCG_CTR_RINGBUF_DROPS = 0
 AGENTCG_CTR_EVENTS = 1
 AGENTCG_CTR_RUNQ_MISSES = 2
 AGENTCG_CTR_NET_DENIED = 3
-NR_AGENTCG_CTR = 4
+AGENTCG_CTR_EXEC_STOPS = 4
+AGENTCG_CTR_STOP_FAILS = 5
+NR_AGENTCG_CTR = 6
 
 AGENTCG_SCHED_WEIGHT_MIN = 1
 AGENTCG_SCHED_WEIGHT_DFL = 100
@@ -96,7 +101,23 @@ class AgentcgSchedCg(ctypes.Structure):
     ]
 
 
+class AgentcgAgent(ctypes.Structure):
+    _fields_ = [
+        ("tgid", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+    ]
+
+
+class AgentcgStopped(ctypes.Structure):
+    _fields_ = [
+        ("stop_ns", ctypes.c_uint64),
+        ("start_boottime_ns", ctypes.c_uint64),
+    ]
+
+
 MIRRORS = {
+    "agentcg_agent": AgentcgAgent,
+    "agentcg_stopped": AgentcgStopped,
     "agentcg_event": AgentcgEvent,
     "agentcg_cg_stats": AgentcgCgStats,
     "agentcg_net_stats": AgentcgNetStats,
@@ -143,6 +164,7 @@ def decode_event(data: bytes) -> ProcEvent:
         argv=argv,
         exit_code=ev.exit_code,
         args_truncated=bool(ev.flags & AGENTCG_EVF_ARGS_TRUNCATED),
+        stopped=bool(ev.flags & AGENTCG_EVF_STOPPED),
     )
 
 

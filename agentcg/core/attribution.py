@@ -42,6 +42,7 @@ class ProcEvent:
     argv: tuple[str, ...] = ()  # exec only (may be truncated)
     exit_code: int = 0         # exit only: wait status
     args_truncated: bool = False
+    stopped: bool = False      # exec only: stopped in the kernel until the daemon continues it
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,7 @@ class DaemonConfig:
 
 
 ESCAPE_ACTIONS = ("", "kill", "keep")
+STOP_TIMEOUT_MS = (10, 60_000)     # bounds of bpf.stop_timeout_ms
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,8 @@ class BpfConfig:
     runq_latency: bool = True      # sched_wakeup/sched_switch run-queue latency per cgroup
     sched_ext: bool = True         # the agentcg sched_ext scheduler where the kernel has sched_ext
     escape_action: str = ""        # processes outliving their call: kill|keep; "" = daemon.straggler_policy
+    stop_until_placed: bool = True  # automatic mode: SIGSTOP at exec until the child is in its call
+    stop_timeout_ms: int = 2000    # a stopped child is continued after this even if not placed
 
 
 @dataclass(frozen=True)
@@ -204,9 +207,14 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
 
 def _bpf(tbl: Any) -> BpfConfig:
     _table(tbl, "bpf")
-    _only(tbl, ("enabled", "network", "runq_latency", "sched_ext", "escape_action"), "bpf.")
+    _only(tbl, ("enabled", "network", "runq_latency", "sched_ext", "escape_action", "stop_until_placed",
+                "stop_timeout_ms"), "bpf.")
+    timeout = tbl.get("stop_timeout_ms", 2000)
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or not STOP_TIMEOUT_MS[0] <= timeout <= STOP_TIMEOUT_MS[1]:
+        raise ConfigError("bpf.stop_timeout_ms", timeout,
+                          f"is not an integer from {STOP_TIMEOUT_MS[0]} to {STOP_TIMEOUT_MS[1]}")
     for key, value in tbl.items():
-        if key != "escape_action" and not isinstance(value, bool):
+        if key not in ("escape_action", "stop_timeout_ms") and not isinstance(value, bool):
             raise ConfigError(f"bpf.{key}", value, "is not true or false")
     if tbl.get("escape_action", "") not in ESCAPE_ACTIONS:
         raise ConfigError("bpf.escape_action", tbl["escape_action"], "is not one of kill|keep")

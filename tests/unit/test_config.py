@@ -85,6 +85,10 @@ name = "npm-build"
     hook = next(h for h in daemon.hooks.hooks if getattr(h, "name", "") == "bpf")
     assert hook.use_sched_ext is False and hook.runq is False and hook.network is True
     assert hook.attr.escape_action == "keep"
+    assert hook.stop_until_placed is True and hook.stop_timeout_ms == 2000   # the defaults
+    stop = build(parse_config("[bpf]\nstop_until_placed = false\nstop_timeout_ms = 500\n"), root=str(tmp_path / "cg3"))
+    h3 = next(h for h in stop.hooks.hooks if getattr(h, "name", "") == "bpf")
+    assert h3.stop_until_placed is False and h3.stop_timeout_ms == 500
     m = hook.attr.rules[1].matches("npm", "npm run build")
     assert m
     off = build(parse_config("[bpf]\nenabled = false\n"), root=str(tmp_path / "cg2"))
@@ -95,6 +99,10 @@ name = "npm-build"
     ("[bpf]\nsched_ext = 1\n", "bpf.sched_ext"),
     ("[bpf]\nescape_action = \"zap\"\n", "bpf.escape_action"),
     ("[bpf]\nfoo = true\n", "bpf.foo"),
+    ("[bpf]\nstop_until_placed = \"yes\"\n", "bpf.stop_until_placed"),
+    ("[bpf]\nstop_timeout_ms = 5\n", "bpf.stop_timeout_ms"),
+    ("[bpf]\nstop_timeout_ms = \"2s\"\n", "bpf.stop_timeout_ms"),
+    ("[bpf]\nstop_timeout_ms = true\n", "bpf.stop_timeout_ms"),
     ("[[auto_rules]]\nintent = {}\n", "auto_rules[0]"),
     ("[[auto_rules]]\ncommand = \"make\"\nintent = { memory = \"lots\" }\n", "auto_rules[0].intent.memory"),
 ])
