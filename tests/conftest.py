@@ -95,13 +95,14 @@ def remove_daemon_tree(root: Path) -> None:
     """Kill and remove every session a test's agentcgd left below `root`, then
     `root` itself (each session thawed first, in case a test froze it)."""
     from agentcg.adapters.cgroupfs import CgroupFs
+    from agentcg.adapters.executor import Executor
     fs = CgroupFs(root)
     for rel in [c for c in fs.children("") if c.startswith("s-")]:
         try:
             fs.write(rel, "cgroup.freeze", "0")
         except OSError:
             pass
-        fs.kill(rel)
+        Executor(fs).kill(rel)
         fs.wait_unpopulated(rel, 5)
         fs.remove_tree(rel)
     fs.remove_tree("")
