@@ -198,11 +198,12 @@ def run_chaos(calls: int = 1000, client_sessions: int = 4, cli_sessions: int = 2
 
 def _remove_tree(root: Path) -> None:
     from agentcg.adapters.cgroupfs import CgroupFs
+    from agentcg.adapters.executor import Executor
     if not root.exists():
         return
     fs = CgroupFs(root)
     for rel in [x for x in fs.children("") if x.startswith("s-")]:
-        fs.kill(rel)
+        Executor(fs).kill(rel)
         fs.wait_unpopulated(rel, 5)
         fs.remove_tree(rel)
     fs.remove_tree("")

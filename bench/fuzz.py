@@ -89,36 +89,6 @@ def atheris_worker(sock: str, runs: int, out: str, corpus: str) -> None:
     atheris.Fuzz()
 
 
-def _fork(uid: int | None, fn: Any) -> tuple[int, int]:
-    """(pid, read fd) of a child that runs fn() -> dict (as uid) and writes it as JSON."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        out: dict[str, Any] = {"error": "worker failed"}
-        try:
-            if uid is not None:
-                os.setgroups([])
-                os.setresgid(uid, uid, uid)
-                os.setresuid(uid, uid, uid)
-            out = fn()
-        except BaseException as exc:
-            out = {"error": repr(exc)}
-        finally:
-            with os.fdopen(w, "w") as f:
-                json.dump(out, f)
-            os._exit(0)
-    os.close(w)
-    return pid, r
-
-
-def _collect(pid: int, r: int) -> dict[str, Any]:
-    with os.fdopen(r) as f:
-        text = f.read()
-    os.waitpid(pid, 0)
-    return json.loads(text) if text else {"error": "worker wrote nothing"}
-
-
 def merge(tallies: list[dict[str, Any]]) -> dict[str, Any]:
     codes: Counter = Counter()
     out = {"inputs": 0, "lines": 0, "answers": 0, "followed": 0, "hangs": 0, "violation_count": 0,
@@ -171,10 +141,10 @@ def main() -> int:
         for i in range(args.workers):
             uid = args.uid if i % 2 else None
             n = per + (args.inputs - per * args.workers if i == 0 else 0)
-            jobs.append((uid, _fork(uid, lambda n=n, i=i: fuzz_worker(sock, n, i + 1, pid, alive))))
+            jobs.append((uid, fz.fork_as(uid, lambda n=n, i=i: fuzz_worker(sock, n, i + 1, pid, alive))))
         by_uid: dict[str, list[dict[str, Any]]] = {}
         for uid, (wpid, r) in jobs:
-            by_uid.setdefault(str(0 if uid is None else uid), []).append(_collect(wpid, r))
+            by_uid.setdefault(str(0 if uid is None else uid), []).append(fz.collect(wpid, r))
         atheris_tally: dict[str, Any] | None = None
         atheris_note = None
         if args.atheris:

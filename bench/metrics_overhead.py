@@ -24,8 +24,6 @@ import argparse
 import os
 import json
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,35 +32,22 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _daemon import BenchDaemon, has_limit_controllers  # noqa: E402
 from toolcall_overhead import TRUE, cgroup_mode, environment, percentile_us, remove_tree  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "metrics_overhead.json"
 
 
-class Agentcgd:
+class Agentcgd(BenchDaemon):
     """One daemon of our own on `root`; `metrics`: serve the endpoint on a free port."""
 
     def __init__(self, name: str, root: Path, workdir: Path, *, metrics: bool, require_controllers: bool):
         from agentcg.client import Client
 
-        self.name = name
-        self.runtime_dir = workdir / f"run-{name}"
-        self.socket = self.runtime_dir / "agentcg.sock"
-        config = workdir / f"{name}.toml"
-        config.write_text("[daemon]\n"
-                          f'cgroup_root = "{root}"\nruntime_dir = "{self.runtime_dir}"\n'
-                          f"use_systemd_cgroup = false\nrequire_controllers = {str(require_controllers).lower()}\n"
-                          + ('[metrics]\nlisten = "127.0.0.1:0"\n' if metrics else ""))
-        self.log = open(workdir / f"{name}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "agentcg.daemon.app", "--config", str(config)],
-                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=workdir)
-        deadline = time.monotonic() + 30
-        while not self.socket.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.log.seek(0)
-                raise RuntimeError(f"agentcgd {name} did not start:\n{self.log.read()}")
-            time.sleep(0.05)
+        super().__init__(root, workdir, name=name, require_controllers=require_controllers,
+                         extra_config='[metrics]\nlisten = "127.0.0.1:0"\n' if metrics else "",
+                         start_timeout_s=30)
         self.client = Client(socket_path=str(self.socket))
         self.url = None
         if metrics:
@@ -71,7 +56,7 @@ class Agentcgd:
                 if m.get("state") == "serving":
                     self.url = f"http://{m['address']}/metrics"
                     break
-                if m.get("state") != "starting" or time.monotonic() > deadline:
+                if m.get("state") != "starting" or time.monotonic() > self.deadline:
                     raise RuntimeError(f"no metrics endpoint: {m}")
                 time.sleep(0.05)
         self.session = self.client.session("bench")
@@ -88,14 +73,7 @@ class Agentcgd:
                 self.client.request("session.end", name=s["name"], force=True)
         finally:
             self.client.close()
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-            self.log.close()
+            self.stop()
 
 
 class Scraper(threading.Thread):
@@ -142,7 +120,7 @@ def run(args: argparse.Namespace) -> dict:
     base = mount / f"agentcg-metrics-bench-{os.getpid()}"
     base.mkdir()
     workdir = Path(tempfile.mkdtemp(prefix="agentcg-metrics-bench-"))
-    has_controllers = {"memory", "cpu"} <= set((mount / "cgroup.controllers").read_text().split())
+    has_controllers = has_limit_controllers(mount)
     daemons: list[Agentcgd] = []
     scraper = None
     try:

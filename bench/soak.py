@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench._daemon import BenchDaemon  # noqa: E402
 from bench.toolcall_overhead import cgroup_mode, percentile_us, remove_tree  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "results" / "reliability" / "soak.json"
@@ -94,48 +95,11 @@ class Recorder:
 
 # --- the daemon ----------------------------------------------------------------
 
-class SoakDaemon:
+class SoakDaemon(BenchDaemon):
     """An agentcgd of our own on `root`, its runtime directory under `workdir`."""
 
     def __init__(self, root: Path, workdir: Path) -> None:
-        controllers = set((root.parent / "cgroup.controllers").read_text().split())
-        self.root = root
-        self.runtime_dir = workdir / "run"
-        self.socket = self.runtime_dir / "agentcg.sock"
-        config = workdir / "agentcg.toml"
-        config.write_text(
-            "[daemon]\n"
-            f'cgroup_root = "{root}"\n'
-            f'runtime_dir = "{self.runtime_dir}"\n'
-            "use_systemd_cgroup = false\n"
-            f"require_controllers = {'true' if {'memory', 'cpu'} <= controllers else 'false'}\n"
-        )
-        self.log_path = workdir / "agentcgd.log"
-        self._log = open(self.log_path, "w+")
-        daemon_bin = Path(sys.executable).with_name("agentcgd")
-        cmd = [str(daemon_bin)] if daemon_bin.exists() else [sys.executable, "-m", "agentcg.daemon.app"]
-        self.proc = subprocess.Popen(cmd + ["--config", str(config), "--log-level", "warning"],
-                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir)
-        deadline = time.monotonic() + 60
-        while not self.socket.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self._log.seek(0)
-                raise RuntimeError(f"agentcgd did not start (exit {self.proc.poll()}):\n{self._log.read()}")
-            time.sleep(0.05)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        super().__init__(root, workdir, log_level="warning", start_timeout_s=60)
 
 
 def rss_bytes(pid: int) -> int:

@@ -9,6 +9,7 @@ silent row of skips.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -95,16 +96,31 @@ def remove_daemon_tree(root: Path) -> None:
     """Kill and remove every session a test's agentcgd left below `root`, then
     `root` itself (each session thawed first, in case a test froze it)."""
     from agentcg.adapters.cgroupfs import CgroupFs
+    from agentcg.adapters.executor import Executor
     fs = CgroupFs(root)
     for rel in [c for c in fs.children("") if c.startswith("s-")]:
         try:
             fs.write(rel, "cgroup.freeze", "0")
         except OSError:
             pass
-        fs.kill(rel)
+        Executor(fs).kill(rel)
         fs.wait_unpopulated(rel, 5)
         fs.remove_tree(rel)
     fs.remove_tree("")
+
+
+def kill_and_remove(*cgroups: Path) -> None:
+    """SIGKILL every process in each of `cgroups`, then rmdir them in the
+    order given (children first)."""
+    for cg in cgroups:
+        for pid in (cg / "cgroup.procs").read_text().split():
+            try:
+                os.kill(int(pid), 9)
+            except ProcessLookupError:
+                pass
+    time.sleep(0.05)   # the killed leave their cgroup asynchronously
+    for cg in cgroups:
+        cg.rmdir()
 
 
 @pytest.fixture

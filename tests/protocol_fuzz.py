@@ -341,18 +341,19 @@ def daemon_pid(socket_path: str) -> int:
         return int(p.raise_for_error(p.LineReader(s).messages().__next__())["daemon"]["pid"])
 
 
-def as_uid(uid: int, fn: Any) -> dict[str, Any]:
-    """Run fn() -> dict in a forked child with uid/gid `uid`; its dict
-    (through a pipe), or {"error": ...}."""
+def fork_as(uid: int | None, fn: Any) -> tuple[int, int]:
+    """Start fn() -> dict in a forked child with uid/gid `uid` (None: this
+    process's own); (its pid, the read end of the pipe it writes its dict to)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(r)
         out: dict[str, Any] = {"error": "child failed"}
         try:
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
+            if uid is not None:
+                os.setgroups([])
+                os.setresgid(uid, uid, uid)
+                os.setresuid(uid, uid, uid)
             out = fn()
         except BaseException as exc:  # report, never return into the parent's code
             out = {"error": repr(exc)}
@@ -361,7 +362,18 @@ def as_uid(uid: int, fn: Any) -> dict[str, Any]:
                 json.dump(out, f)
             os._exit(0)
     os.close(w)
+    return pid, r
+
+
+def collect(pid: int, r: int) -> dict[str, Any]:
+    """The dict of a child from fork_as (waited for), or {"error": ...}."""
     with os.fdopen(r) as f:
         text = f.read()
     os.waitpid(pid, 0)
     return json.loads(text) if text else {"error": "child wrote nothing"}
+
+
+def as_uid(uid: int, fn: Any) -> dict[str, Any]:
+    """Run fn() -> dict in a forked child with uid/gid `uid`; its dict
+    (through a pipe), or {"error": ...}."""
+    return collect(*fork_as(uid, fn))

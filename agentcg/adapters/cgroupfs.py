@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -330,23 +329,6 @@ class CgroupFs:
 
     def thaw(self, rel: str, reason: str = "") -> None:
         self.write(rel, "cgroup.freeze", "0", reason)
-
-    def kill(self, rel: str, reason: str = "") -> int:
-        """Kill every process in the cgroup (cgroup.kill, or SIGKILL to each
-        listed pid on kernels without it). Returns how many were listed."""
-        pids = self.procs(rel)
-        if os.path.exists(self._f(rel, "cgroup.kill")):
-            try:
-                self.write(rel, "cgroup.kill", "1", reason)
-            except CgroupGone:
-                return 0
-        else:
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        return len(pids)
 
     def wait_unpopulated(self, rel: str, timeout_s: float) -> bool:
         """Poll cgroup.events until populated=0 (True) or timeout (False)."""

@@ -8,6 +8,7 @@ import pytest
 
 from agentcg.adapters.cgroupfs import (CgroupFs, CgroupGone, classify, parse_mounts,
                                        parse_proc_cgroup)
+from agentcg.adapters.executor import Executor
 
 
 def fake_cgroup(p: Path, files: dict[str, str]) -> None:
@@ -80,7 +81,7 @@ def test_place_kill_freeze_write_files(tmp_path):
     assert (tmp_path / "c/cgroup.freeze").read_text() == "1"
     fs.thaw("c")
     assert (tmp_path / "c/cgroup.freeze").read_text() == "0"
-    fs.kill("c", "stragglers")
+    Executor(fs).kill("c", "stragglers")   # the executor is the one that kills
     assert (tmp_path / "c/cgroup.kill").read_text() == "1"
 
 

@@ -5,17 +5,13 @@
 """
 from __future__ import annotations
 
-import os
-import shutil
 import signal
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import daemon_dirs, remove_daemon_tree, require_cgroup2
+from conftest import require_cgroup2
+from daemon_proc import start_daemon
 
 
 @dataclass
@@ -27,32 +23,6 @@ class Daemon:
 
 @pytest.fixture
 def agentcgd(request):
-    mnt = require_cgroup2()
-    root, runtime = daemon_dirs(request, mnt)
-    sock = runtime / "agentcg.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "agentcg.daemon.app", "--cgroup-root", str(root),
-                             "--runtime-dir", str(runtime), "--no-require-controllers", "--log-level", "warning"],
-                            stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not sock.exists():
-            if proc.poll() is not None:
-                pytest.fail(f"agentcgd exited: {proc.stderr.read().decode()}")
-            if time.monotonic() > deadline:
-                pytest.fail("agentcgd did not start listening")
-            time.sleep(0.02)
-        env = dict(os.environ, AGENTCG_SOCKET=str(sock), AGENTCG_CONFIG=str(runtime / "no-config.toml"))
-        for key in ("AGENTCG_SESSION", "AGENT_RESOURCE_HINT"):
-            env.pop(key, None)
-        yield Daemon(str(sock), root, env)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if root.is_dir():
-            remove_daemon_tree(root)
-        shutil.rmtree(runtime, ignore_errors=True)
+    for d in start_daemon(request, require_cgroup2(), stop_signal=signal.SIGTERM):
+        env = d.client_env(AGENTCG_CONFIG=str(d.runtime / "no-config.toml"))
+        yield Daemon(d.socket, d.root, env)

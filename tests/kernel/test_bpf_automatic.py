@@ -3,17 +3,14 @@ tool call per process it starts; escapes are detected and reported."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import require_bpf, require_cgroup2, remove_daemon_tree
+from conftest import require_bpf, require_cgroup2
+from daemon_proc import poll, start_daemon
 from agentcg.client import Client
 
 pytestmark = pytest.mark.kernel
@@ -41,36 +38,10 @@ def agentcgd(request):
     mnt = require_cgroup2()
     if not (Path(__file__).resolve().parents[2] / "bpf" / ".output" / "tracker.bpf.o").exists():
         pytest.fail("bpf objects not built: run `make -C bpf`")
-    tag = f"agentcg-test-{os.getpid()}-auto"
-    root, runtime = mnt / tag, Path("/tmp") / tag
-    runtime.mkdir(mode=0o755, exist_ok=True)
-    sock = runtime / "agentcg.sock"
-    cfg = runtime / "agentcg.toml"  # automatic mode's rules come from the config
-    cfg.write_text('[[auto_rules]]\ncommand = "sleep"\nintent = { pids_max = 77, cpu = "batch" }\nname = "sleepers"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "agentcg.daemon.app", "--config", str(cfg), "--cgroup-root", str(root),
-                             "--runtime-dir", str(runtime), "--no-require-controllers", "--log-level", "warning"],
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 20
-    while not sock.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"agentcgd exited: {proc.stderr.read().decode()}")
-        assert time.monotonic() < deadline, "agentcgd did not start"
-        time.sleep(0.02)
-    yield root, runtime, sock
-    proc.kill()
-    proc.wait(10)
-    remove_daemon_tree(root)
-    shutil.rmtree(runtime, ignore_errors=True)
-
-
-def _wait(pred, timeout_s=10.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.02)
-    return pred()
+    # automatic mode's rules come from the config
+    rules = '[[auto_rules]]\ncommand = "sleep"\nintent = { pids_max = 77, cpu = "batch" }\nname = "sleepers"\n'
+    for d in start_daemon(request, mnt, config=rules):
+        yield d.root, d.runtime, Path(d.socket)
 
 
 def _events(runtime, kind):
@@ -92,17 +63,17 @@ def test_child_of_attached_agent_gets_its_own_call_and_escape_is_reported(agentc
             bpf = st["hooks"]["bpf"]
             assert bpf["features"]["tracker"]["state"] == "used", bpf
             # wait until the hook has registered the agent
-            assert _wait(lambda: c.request("status")["hooks"]["bpf"]["automatic_mode"]["agents"].get("auto1")
+            assert poll(lambda: c.request("status")["hooks"]["bpf"]["automatic_mode"]["agents"].get("auto1")
                          == agent.pid), c.request("status")["hooks"]["bpf"]
 
             agent.stdin.write("run /bin/sleep 0.5\n")
             agent.stdin.flush()
             child = int(agent.stdout.readline())
-            cg = _wait(lambda: Path(f"/proc/{child}/cgroup").read_text().strip().split("::")[-1]
+            cg = poll(lambda: Path(f"/proc/{child}/cgroup").read_text().strip().split("::")[-1]
                        if "/c-" in Path(f"/proc/{child}/cgroup").read_text() else None, 5)
             assert cg and cg.endswith("/s-auto1/c-1"), Path(f"/proc/{child}/cgroup").read_text()
             assert agent.stdout.readline().split() == ["done", "0"]
-            ended = _wait(lambda: [e for e in _events(runtime, "call.end") if e["call"] == 1])
+            ended = poll(lambda: [e for e in _events(runtime, "call.end") if e["call"] == 1])
             assert ended, "auto call did not end when its root exited"
             extra = ended[0]["stats"]["extra"]
             assert extra["exec_count"] >= 0 and extra["proc_count"] >= 1
@@ -117,7 +88,7 @@ def test_child_of_attached_agent_gets_its_own_call_and_escape_is_reported(agentc
             agent.stdin.flush()
             child2 = int(agent.stdout.readline())
             assert agent.stdout.readline().split()[0] == "done"
-            esc = _wait(lambda: _events(runtime, "call.escape"))
+            esc = poll(lambda: _events(runtime, "call.escape"))
             assert esc, "no escape reported"
             e = esc[0]
             assert e["session"] == "auto1" and e["call"] == 2 and e["comm"] in ("sleep", "sh")

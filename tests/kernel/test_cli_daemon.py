@@ -3,8 +3,6 @@ host's cgroup2 tree (no controllers needed: placement, stats, events)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require_cgroup2
+from daemon_proc import start_daemon
 
 pytestmark = pytest.mark.kernel
 BIN = Path(sys.executable).parent
@@ -28,54 +27,10 @@ AGENTCG = _cmd("agentcg", "agentcg.cli.main")
 AGENTCG_EXEC = _cmd("agentcg-exec", "agentcg.cli.hintexec")
 
 
-def _rmtree_cgroup(path: Path) -> None:
-    if not path.is_dir():
-        return
-    for _ in range(50):
-        try:
-            for d in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-                (d / "cgroup.kill").write_text("1")
-                d.rmdir()
-            path.rmdir()
-            return
-        except FileNotFoundError:
-            continue
-        except OSError:
-            time.sleep(0.1)
-
-
 @pytest.fixture
-def daemon_env():
-    mnt = require_cgroup2()
-    tag = f"agentcg-test-{os.getpid()}-cli"
-    root, runtime = mnt / tag, Path("/tmp") / tag
-    runtime.mkdir(mode=0o755, exist_ok=True)
-    sock = runtime / "agentcg.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "agentcg.daemon.app", "--cgroup-root", str(root),
-                             "--runtime-dir", str(runtime), "--no-require-controllers", "--log-level", "warning"],
-                            stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not sock.exists():
-            if proc.poll() is not None:
-                pytest.fail(f"agentcgd exited: {proc.stderr.read().decode()}")
-            if time.monotonic() > deadline:
-                pytest.fail("agentcgd did not start listening")
-            time.sleep(0.02)
-        env = dict(os.environ, AGENTCG_SOCKET=str(sock), XDG_RUNTIME_DIR=str(runtime))
-        env.pop("AGENTCG_SESSION", None)
-        env.pop("AGENT_RESOURCE_HINT", None)
-        yield env, root
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        _rmtree_cgroup(root)
-        shutil.rmtree(runtime, ignore_errors=True)
+def daemon_env(request):
+    for d in start_daemon(request, require_cgroup2(), stop_signal=signal.SIGTERM):
+        yield d.client_env(XDG_RUNTIME_DIR=str(d.runtime)), d.root
 
 
 def run(env, *args, cmd=AGENTCG):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,43 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import daemon_dirs, require_cgroup2, remove_daemon_tree
+from conftest import require_cgroup2
+from daemon_proc import Agentcgd, start_daemon  # noqa: F401  (Agentcgd: imported from here by other tests)
 from agentcg.adapters.cgroupfs import detect_hierarchy
 from agentcg.client import Client, ProtocolError
 
 pytestmark = pytest.mark.kernel
-
-
-class Agentcgd:
-    def __init__(self, root: Path, runtime: Path, extra_args: list[str] | None = None,
-                 require_controllers: bool = False):
-        self.root, self.runtime = root, runtime
-        self.args = [sys.executable, "-m", "agentcg.daemon.app", "--cgroup-root", str(root),
-                     "--runtime-dir", str(runtime), "--log-level", "warning", *(extra_args or [])]
-        if not require_controllers:
-            self.args.append("--no-require-controllers")
-        self.proc: subprocess.Popen | None = None
-        self.socket = str(runtime / "agentcg.sock")
-
-    def start(self) -> "Agentcgd":
-        try:
-            os.unlink(self.socket)
-        except FileNotFoundError:
-            pass
-        self.proc = subprocess.Popen(self.args, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 120
-        while not os.path.exists(self.socket):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"agentcgd exited: {self.proc.stderr.read().decode()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("agentcgd did not start listening")
-            time.sleep(0.02)
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(10)
 
 
 def gone_soon(path: Path, timeout_s: float = 5.0) -> bool:
@@ -58,16 +26,6 @@ def gone_soon(path: Path, timeout_s: float = 5.0) -> bool:
     while path.exists() and time.monotonic() < deadline:
         time.sleep(0.005)
     return not path.exists()
-
-
-def start_daemon(request, mnt: Path, require_controllers: bool = False):
-    """A daemon under <mnt>/agentcg-test-..., stopped and cleaned up by the generator."""
-    root, runtime = daemon_dirs(request, mnt)
-    d = Agentcgd(root, runtime, require_controllers=require_controllers).start()
-    yield d
-    d.stop(signal.SIGKILL)
-    remove_daemon_tree(root)
-    shutil.rmtree(runtime, ignore_errors=True)
 
 
 @pytest.fixture

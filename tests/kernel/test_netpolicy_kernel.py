@@ -6,12 +6,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import require_bpf, require_cgroup2
+from conftest import kill_and_remove, require_bpf, require_cgroup2
 
 pytestmark = pytest.mark.kernel
 
@@ -78,13 +77,7 @@ def netns_env():
         if server is not None:
             server.kill()
             server.wait()
-        for pid in (cg / "cgroup.procs").read_text().split():
-            try:
-                os.kill(int(pid), 9)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.05)
-        cg.rmdir()
+        kill_and_remove(cg)
         netns.remove(name)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_bpf, require_cgroup2
+from conftest import kill_and_remove, require_bpf, require_cgroup2
 
 pytestmark = pytest.mark.kernel
 
@@ -23,15 +23,7 @@ def test_cgroup():
     leaf = root / "c-1"
     leaf.mkdir()
     yield root, leaf
-    for cg in (leaf, root):
-        for pid in (cg / "cgroup.procs").read_text().split():
-            try:
-                os.kill(int(pid), 9)
-            except ProcessLookupError:
-                pass
-    time.sleep(0.05)
-    leaf.rmdir()
-    root.rmdir()
+    kill_and_remove(leaf, root)
 
 
 def _tracker(root, prefer="tp_btf"):

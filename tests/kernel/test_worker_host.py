@@ -8,14 +8,13 @@ import json
 import os
 import shutil
 import signal
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from conftest import daemon_dirs, remove_daemon_tree, require_cgroup2
-from test_daemon_host import Agentcgd
+from daemon_proc import Agentcgd, poll
 from agentcg.worker.control import WorkerControl
 
 pytest.importorskip("torch")
@@ -25,13 +24,10 @@ PROMPT = [{"role": "user", "content": "word " * 60}]   # about 21 blocks of 16 t
 
 
 def wait_for(fn, what: str, timeout_s: float = 60.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
+    value = poll(fn, timeout_s, interval_s=0.05)
+    if not value:
+        pytest.fail(f"timed out waiting for {what}")
+    return value
 
 
 def worker_status(client) -> dict:
