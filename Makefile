@@ -24,4 +24,4 @@ run:
 	scripts/run.sh
 
 clean:
-	rm -rf bpf/.output .pytest_cache
+	rm -rf bpf/.output .pytest_cache agentcg/client/_spawn.so

@@ -9,7 +9,7 @@ Per call, each method runs /bin/true and waits for it:
   daemon   agentcgd through the stdlib client as it comes: call.start (the
            tool-call cgroup, made ahead; as root the child is born inside it
            through CLONE_INTO_CGROUP: posix_spawn where the C library offers
-           it, glibc >= 2.39, else clone3; then call.started), run, call.end
+           it, glibc >= 2.39, else the C spawn helper; then call.started), run, call.end
            (collect stats; the cgroup is removed after the reply)
   daemon_pid  the same daemon with the client's clone_into off: a waiting
            child is moved into the cgroup by the daemon before it execs
@@ -190,7 +190,7 @@ class Daemon:
 
         self.timing = False
         self.client.request = timed_request
-        # the child's start (clone_into: posix_spawn or clone3 into the call cgroup)
+        # the child's start (clone_into: posix_spawn or the C helper into the call cgroup)
         from agentcg.client import _clone
         self.request_ns["spawn"] = []
         plain_spawn = _clone.spawn

@@ -37,4 +37,6 @@ if [ -f bpf/Makefile ]; then
   say "building BPF objects"
   make -s -C bpf
 fi
+say "building the spawn helper (agentcg/client/_spawn.so)"
+make -s -C agentcg/client
 say "done"

@@ -9,12 +9,14 @@
         for item in result.feedback:
             print(item["message"], item["suggestion"])
 
-Placement: where the kernel has clone3(CLONE_INTO_CGROUP) (Linux >= 5.7) and
-the caller may create processes in the daemon's tree (root), the daemon sends
-the new call cgroup's directory fd over the socket (SCM_RIGHTS) and the child
-is born inside it, then execs the command; the client names the pid with
+Placement: where the kernel has CLONE_INTO_CGROUP (Linux >= 5.7), the
+caller may create processes in the daemon's tree (root) and the client can
+start a child safely (posix_spawn with POSIX_SPAWN_SETCGROUP, glibc >= 2.39,
+or the C spawn helper: see _clone.py), the daemon sends the new call
+cgroup's directory fd over the socket (SCM_RIGHTS) and the child is born
+inside it, then execs the command; the client names the pid with
 `call.started`. Otherwise (older kernels, unprivileged callers, Popen
-options such as PIPEs) the command starts as a tiny /bin/sh trampoline that
+options such as PIPEs, neither way to spawn) the command starts as a tiny /bin/sh trampoline that
 blocks on a pipe; the daemon moves its pid into the tool call's cgroup; only
 then does the client write to the pipe and the trampoline exec()s the
 command. Either way the tool never runs an instruction outside its cgroup.
@@ -53,7 +55,7 @@ class Client:
     def __init__(self, socket_path: str | None = None, *, max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES,
                  timeout_s: float | None = 60.0, clone_into: bool | None = None,
                  reconnect_timeout_s: float | None = None, wait_for_daemon: bool = False):
-        """clone_into: start commands inside their cgroup with clone3 (True),
+        """clone_into: start commands born inside their cgroup (True),
         never (False), or when running as root (None, the default). A refusal
         (kernel without it, no permission, an older daemon) falls back to the
         waiting-child placement for the rest of this client's life.
@@ -302,7 +304,7 @@ class ToolCall:
         if "/" not in argv[0] and shutil.which(argv[0], path=(env or os.environ).get("PATH")) is None:
             raise FileNotFoundError(2, "No such file or directory", argv[0])
         client = self.session.client
-        if client.clone_into and _clone.supported(popen_kwargs):
+        if client.clone_into and _clone.supported(popen_kwargs) and _clone.method() is not None:
             handle = self._popen_clone_into(argv, popen_kwargs)
             if handle is not None:
                 return handle
@@ -368,6 +370,7 @@ class ToolCall:
                     if exc.errno not in _clone.FALLBACK_ERRNOS:
                         raise
                     client.clone_into = False      # refused: place a waiting child instead
+                if proc is None:                   # refused, or no safe way to spawn here
                     proc, w = self._waiting_child(argv, dict(popen_kwargs))
                 if w >= 0:   # the daemon must place it before it may exec
                     started.append(client.request("call.started", session=sname, call=n, pid=proc.pid))

@@ -1,86 +1,101 @@
-"""Start a command directly inside a cgroup: clone3(CLONE_INTO_CGROUP), Linux >= 5.7.
+"""Start a command directly inside a cgroup: CLONE_INTO_CGROUP, Linux >= 5.7.
 
-Standard library only (ctypes over the C library). The child is born in the
-cgroup whose directory fd the daemon sent, so the tool never runs outside it
-and the kernel has no process to migrate (a migration takes the cgroup
-threadgroup lock for writing, which waits for an RCU grace period).
+The child is born in the cgroup whose directory fd the daemon sent, so the
+tool never runs outside it and the kernel has no process to migrate (a
+migration takes the cgroup threadgroup lock for writing, which waits for an
+RCU grace period).
 
-Everything the child needs (argv, envp, paths, fds) is built as C data before
-the clone; the child only calls C functions through ctypes (dup2, chdir,
-signal, open, write, close, execve, _exit) and never returns to the caller's code. A failed
-execve writes its errno to a close-on-exec pipe and exits 127, the usual
-exec-error pipe: the parent reads 0 bytes when the exec worked.
+The child of a multi-threaded process is a copy of the calling thread only:
+a lock another thread held at the clone (the interpreter lock, which a
+waiting thread asks for every switch interval; malloc's; stdio's) is never
+released in the child. So the child runs no Python and no locking C library
+code from the clone to the execve. Two ways, in this order:
 
-`PyDLL` keeps the interpreter lock held across the calls, so the child (a copy
-of the calling thread only) never waits for a lock another thread held.
+  posix_spawn   posix_spawn(3) with POSIX_SPAWN_SETCGROUP (glibc >= 2.39):
+                the C library's clone3(CLONE_VM|CLONE_VFORK|CLONE_INTO_CGROUP).
+  helper        spawn.c, built by scripts/setup.sh into _spawn.so next to this
+                file, called through ctypes.CDLL (the interpreter lock is
+                released during the call): clone3(CLONE_INTO_CGROUP|CLONE_PIDFD)
+                with CLONE_VM|CLONE_VFORK on a stack of its own (x86-64; a fork
+                elsewhere), then raw system calls only: signal defaults,
+                descriptors, oom_score_adj, chdir, execve. A program that cannot
+                be executed exits 127 and its errno comes back to the caller
+                (what posix_spawn refuses goes to the helper for that report).
 
-That child is a fork: the kernel copies the caller's page tables and the
-child's first writes fault in copies of its pages, so its cost grows with
-the caller's memory (2 ms for a 20 MB interpreter, 7 ms at 120 MB on a small
-VM). Where the C library offers posix_spawn(3) with POSIX_SPAWN_SETCGROUP
-(glibc >= 2.39) the child is made by the C library instead: clone3 with
-CLONE_VM|CLONE_VFORK|CLONE_INTO_CGROUP on a stack of its own, C code only
-until the execve, no copy of the caller's memory. The clone3 path above
-stays for older C libraries and for what posix_spawn refuses (a program
-that cannot be executed: the clone3 child reports it as exit status 127).
+Where neither exists (glibc < 2.39 and no helper built) `spawn` returns None
+and the client asks the daemon to place a waiting child by pid instead (the
+trampoline in client/core.py); `method()` says, once in a debug log, which
+way this process uses. Everything the child needs (argv, envp, paths, fds) is
+built as C data before the clone.
 """
 from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import select
 import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any, Sequence
-
-SYS_clone3 = 435
-SYS_close_range = 436
-CLONE_PIDFD = 0x00001000
-CLONE_INTO_CGROUP = 0x200000000
-CLOSE_RANGE_CLOEXEC = 1 << 2
-F_SETFD = 2
 
 # clone3 errors after which the pid-placement path is used instead
 FALLBACK_ERRNOS = (errno.ENOSYS, errno.EPERM, errno.EACCES, errno.EINVAL, errno.E2BIG,
                    errno.EOPNOTSUPP)
 # Popen keyword arguments this path implements; anything else uses the trampoline
 SUPPORTED_KWARGS = frozenset({"env", "cwd", "stdin", "stdout", "stderr", "pass_fds"})
+HELPER_PATH = Path(__file__).with_name("_spawn.so")   # built from spawn.c by scripts/setup.sh
+HELPER_SHARE_MEMORY = True      # CLONE_VM|CLONE_VFORK where the helper can; tests turn it off
+
+log = logging.getLogger("agentcg.client")
 
 
-class CloneArgs(ctypes.Structure):
-    """struct clone_args (include/uapi/linux/sched.h), version 2: 88 bytes."""
-    _fields_ = [(name, ctypes.c_uint64) for name in (
-        "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack", "stack_size",
-        "tls", "set_tid", "set_tid_size", "cgroup")]
+class SpawnRequest(ctypes.Structure):
+    """struct agentcg_spawn (spawn.c)."""
+    _fields_ = [("path", ctypes.c_char_p), ("argv", ctypes.c_void_p), ("envp", ctypes.c_void_p),
+                ("cwd", ctypes.c_char_p), ("dups", ctypes.c_void_p), ("keep", ctypes.c_void_p),
+                ("oom_score_adj", ctypes.c_char_p)] + [
+               (name, ctypes.c_int32) for name in ("n_dups", "n_keep", "oom_len", "cgroup_fd", "share_memory",
+                                                   "pidfd", "exec_errno", "errno_fd")]
 
 
-CLONE_ARGS_SIZE_VER2 = 88
-
-_libc: Any = None
+_helper: Any = None
 
 
-def libc() -> Any:
-    global _libc
-    if _libc is None:
-        lib = ctypes.PyDLL(None, use_errno=True)
-        lib.syscall.restype = ctypes.c_long
-        for name, args in (("execve", [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p]),
-                           ("dup2", [ctypes.c_int, ctypes.c_int]),
-                           ("chdir", [ctypes.c_char_p]),
-                           ("fcntl", [ctypes.c_int, ctypes.c_int, ctypes.c_int]),
-                           ("write", [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]),
-                           ("open", [ctypes.c_char_p, ctypes.c_int]),
-                           ("close", [ctypes.c_int]),
-                           ("_exit", [ctypes.c_int])):
-            fn = getattr(lib, name)
-            fn.argtypes = args
-        lib.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
-        lib.signal.restype = ctypes.c_void_p
-        _libc = lib
-    return _libc
+def helper() -> Any:
+    """The spawn helper (ctypes.CDLL of _spawn.so), or None where it was not built."""
+    global _helper
+    if _helper is None:
+        try:
+            lib = ctypes.CDLL(str(HELPER_PATH))
+        except OSError as exc:
+            log.debug("spawn helper %s not loadable: %s", HELPER_PATH, exc)
+            _helper = False
+        else:
+            lib.agentcg_spawn.argtypes = [ctypes.POINTER(SpawnRequest)]
+            lib.agentcg_spawn.restype = ctypes.c_long
+            lib.agentcg_spawn_can_share_memory.restype = ctypes.c_int
+            _helper = lib
+    return _helper or None
+
+
+_method_logged = False
+
+
+def method() -> str | None:
+    """How this process starts a child inside a cgroup: "posix_spawn" (glibc
+    >= 2.39), "helper" (the C helper), or None: no way that is safe in a
+    multi-threaded caller, so the daemon places a waiting child by pid."""
+    global _method_logged
+    how = "posix_spawn" if USE_POSIX_SPAWN and posix_spawn_lib() else "helper" if helper() else None
+    if not _method_logged:
+        _method_logged = True
+        log.debug("tool calls start in their cgroup through %s", how or
+                  "the daemon's pid placement (no posix_spawn with SETCGROUP, no spawn helper)")
+    return how
 
 
 def supported(popen_kwargs: dict[str, Any]) -> bool:
@@ -157,14 +172,14 @@ class Prepared:
 
 
 class ClonedProcess:
-    """A child started by clone3: the parts of subprocess.Popen a tool call uses."""
+    """A child started inside its cgroup: the parts of subprocess.Popen a tool call uses."""
 
     def __init__(self, args: list[str], pid: int, pidfd: int, exec_errno: int | None):
         self.args = args
         self.pid = pid
         self.pidfd = pidfd
         self.exec_errno = exec_errno
-        self.how = "clone3"                 # or "posix_spawn"
+        self.how = "helper-vfork"           # or "helper-fork", "posix_spawn"
         self.returncode: int | None = None
         self.stdin = self.stdout = self.stderr = None
 
@@ -224,7 +239,7 @@ POSIX_SPAWN_SETCGROUP = 0x100          # glibc >= 2.39
 # room for posix_spawnattr_t (336 bytes on x86-64), posix_spawn_file_actions_t
 # (80) and sigset_t (128) on every glibc architecture
 _ATTR_BYTES, _ACTIONS_BYTES, _SIGSET_BYTES = 1024, 512, 256
-USE_POSIX_SPAWN = True                 # tests turn it off to exercise the clone3 path
+USE_POSIX_SPAWN = True                 # tests turn it off to exercise the helper
 
 _spawn_lib: Any = None
 
@@ -268,7 +283,7 @@ def posix_spawn(prep: Prepared, cgroup_fd: int) -> "ClonedProcess | None":
     stdio dup'ed, pass_fds kept and every other descriptor above 2 closed,
     SIGPIPE and SIGXFSZ back to their defaults (as Popen does), cwd. Returns
     None when this C library cannot, or posix_spawn failed (the caller then
-    takes the clone3 path, which reports the failure its own way)."""
+    takes the helper, which reports the failure its own way)."""
     lib = posix_spawn_lib() if USE_POSIX_SPAWN else None
     if lib is None:
         return None
@@ -318,18 +333,18 @@ def posix_spawn(prep: Prepared, cgroup_fd: int) -> "ClonedProcess | None":
     return proc
 
 
-def spawn(prep: Prepared, cgroup_fd: int, oom_score_adj: int | None = None) -> ClonedProcess:
+def spawn(prep: Prepared, cgroup_fd: int, oom_score_adj: int | None = None) -> ClonedProcess | None:
     """Start the prepared command inside the cgroup behind `cgroup_fd`:
-    posix_spawn where the C library can, else clone3 and exec.
+    posix_spawn where the C library can, else the C helper. None when
+    neither can (the caller then places a waiting child by pid).
     oom_score_adj: the daemon's value for tool calls (the OOM killer takes
     them before the agent; raising it needs no privilege), inherited by every
-    process of the call. On the clone3 path the child writes it before its
-    exec; posix_spawn has no such hook, so the caller writes it right after
-    the spawn (until then the child keeps the agent's value: the race can
-    only spare the tool, never expose the agent). Raises OSError (errno from
+    process of the call. The helper's child writes it before its exec;
+    posix_spawn has no such hook, so the caller writes it right after the
+    spawn (until then the child keeps the agent's value: the race can only
+    spare the tool, never expose the agent). Raises OSError (errno from
     clone3: ENOSYS, EPERM, EACCES...) when the child could not be created; an
-    exec failure is reported by the returned
-    process (exit 127, `exec_errno`)."""
+    exec failure is reported by the returned process (exit 127, `exec_errno`)."""
     proc = posix_spawn(prep, cgroup_fd)
     if proc is not None:
         if oom_score_adj is not None:
@@ -339,60 +354,31 @@ def spawn(prep: Prepared, cgroup_fd: int, oom_score_adj: int | None = None) -> C
             except OSError:
                 pass  # already gone: nothing to protect against
         return proc
-    return clone3_spawn(prep, cgroup_fd, oom_score_adj)
+    if helper() is None:
+        return None
+    return helper_spawn(prep, cgroup_fd, oom_score_adj)
 
 
-def clone3_spawn(prep: Prepared, cgroup_fd: int, oom_score_adj: int | None = None) -> ClonedProcess:
+def helper_spawn(prep: Prepared, cgroup_fd: int, oom_score_adj: int | None = None,
+                 share_memory: bool | None = None) -> ClonedProcess:
     """clone3 into the cgroup behind `cgroup_fd` and exec the prepared command
-    (a fork of the caller; see the module docstring)."""
-    lib = libc()
-    pidfd = ctypes.c_int(-1)
-    args = CloneArgs(flags=CLONE_INTO_CGROUP | CLONE_PIDFD, pidfd=ctypes.addressof(pidfd),
-                     exit_signal=signal.SIGCHLD, cgroup=cgroup_fd)
-    r, w = os.pipe()  # both close-on-exec
-    err = ctypes.c_int(0)
-    dups = prep.dups
-    pass_fds = prep.pass_fds
-    c_path, c_argv, c_envp, c_cwd = prep.path, prep.c_argv, prep.c_envp, prep.cwd
-    adj = None if oom_score_adj is None else ctypes.create_string_buffer(str(int(oom_score_adj)).encode())
-    adj_len = 0 if adj is None else len(adj.value)
-    try:
-        pid = lib.syscall(SYS_clone3, ctypes.byref(args), ctypes.c_size_t(CLONE_ARGS_SIZE_VER2))
-        if pid == 0:  # the child: C calls only, never back to the caller
-            try:
-                lib.signal(signal.SIGPIPE, None)      # SIG_DFL, as Popen's restore_signals
-                lib.signal(signal.SIGXFSZ, None)
-                lib.syscall(SYS_close_range, ctypes.c_uint(3), ctypes.c_uint(0xFFFFFFFF), ctypes.c_uint(CLOSE_RANGE_CLOEXEC))
-                for src, target in dups:
-                    lib.dup2(src, target)
-                for fd in pass_fds:
-                    lib.fcntl(fd, F_SETFD, 0)
-                if adj is not None:
-                    afd = lib.open(b"/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
-                    if afd >= 0:
-                        lib.write(afd, adj, adj_len)
-                        lib.close(afd)
-                if c_cwd is None or lib.chdir(c_cwd) == 0:
-                    lib.execve(c_path, c_argv, c_envp)
-                err.value = ctypes.get_errno()
-                lib.write(w, ctypes.addressof(err), 4)
-            finally:
-                lib._exit(127)
-        if pid < 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"clone3(CLONE_INTO_CGROUP): {os.strerror(e)}")
-    finally:
-        os.close(w)
-    try:
-        data = b""
-        while True:
-            chunk = os.read(r, 4 - len(data))
-            if not chunk:
-                break
-            data += chunk
-            if len(data) == 4:
-                break
-    finally:
-        os.close(r)
-    exec_errno = int.from_bytes(data, sys.byteorder) if len(data) == 4 else None
-    return ClonedProcess(prep.argv, pid, pidfd.value, exec_errno)
+    through the C helper (C only in the child; see the module docstring).
+    The interpreter lock is released during the call (ctypes.CDLL)."""
+    lib = helper()
+    if lib is None:
+        raise OSError(errno.ENOSYS, f"spawn helper {HELPER_PATH} not built (scripts/setup.sh builds it)")
+    dups = (ctypes.c_int32 * (2 * len(prep.dups) or 1))(*[fd for pair in prep.dups for fd in pair])
+    keep = (ctypes.c_int32 * (len(prep.pass_fds) or 1))(*prep.pass_fds)
+    adj = None if oom_score_adj is None else str(int(oom_score_adj)).encode()
+    share = HELPER_SHARE_MEMORY if share_memory is None else share_memory
+    req = SpawnRequest(path=prep.path, argv=ctypes.cast(prep.c_argv, ctypes.c_void_p),
+                       envp=ctypes.cast(prep.c_envp, ctypes.c_void_p), cwd=prep.cwd,
+                       dups=ctypes.cast(dups, ctypes.c_void_p), keep=ctypes.cast(keep, ctypes.c_void_p),
+                       oom_score_adj=adj, n_dups=len(prep.dups), n_keep=len(prep.pass_fds),
+                       oom_len=len(adj or b""), cgroup_fd=cgroup_fd, share_memory=int(share))
+    pid = lib.agentcg_spawn(ctypes.byref(req))
+    if pid < 0:
+        raise OSError(-pid, f"clone3(CLONE_INTO_CGROUP): {os.strerror(-pid)}")
+    proc = ClonedProcess(prep.argv, pid, req.pidfd, req.exec_errno or None)
+    proc.how = "helper-vfork" if req.share_memory else "helper-fork"
+    return proc

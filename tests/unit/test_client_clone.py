@@ -1,5 +1,5 @@
-"""clone_into pieces without a daemon: the clone_args layout, which Popen
-arguments the clone3 path takes, argv resolution, and file descriptors
+"""clone_into pieces without a daemon: the spawn helper's request layout and
+build, which Popen arguments the clone_into path takes, argv resolution, and file descriptors
 travelling with a reply line (SCM_RIGHTS) from the daemon's writer to the
 client's reader."""
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import shutil
 import socket
 import subprocess
 
@@ -16,18 +17,28 @@ from agentcg import protocol as p
 from agentcg.client import _clone
 
 
-def test_clone_args_matches_the_kernel_layout():
-    # struct clone_args, CLONE_ARGS_SIZE_VER2: eleven __aligned_u64, cgroup last
-    assert ctypes.sizeof(_clone.CloneArgs) == _clone.CLONE_ARGS_SIZE_VER2 == 88
-    offsets = {name: getattr(_clone.CloneArgs, name).offset for name, _ in _clone.CloneArgs._fields_}
-    assert offsets == {"flags": 0, "pidfd": 8, "child_tid": 16, "parent_tid": 24, "exit_signal": 32,
-                       "stack": 40, "stack_size": 48, "tls": 56, "set_tid": 64, "set_tid_size": 72,
-                       "cgroup": 80}
-    args = _clone.CloneArgs(flags=_clone.CLONE_INTO_CGROUP | _clone.CLONE_PIDFD, cgroup=7, exit_signal=17)
-    raw = bytes(args)
-    assert int.from_bytes(raw[0:8], "little") == 0x200001000
-    assert int.from_bytes(raw[80:88], "little") == 7
-    assert _clone.SYS_clone3 == 435
+def test_spawn_request_matches_the_helper_struct():
+    # struct agentcg_spawn in spawn.c: seven pointers, then eight int32
+    ptr = ctypes.sizeof(ctypes.c_void_p)
+    offsets = {name: getattr(_clone.SpawnRequest, name).offset for name, _ in _clone.SpawnRequest._fields_}
+    assert offsets["oom_score_adj"] == 6 * ptr and offsets["n_dups"] == 7 * ptr
+    assert offsets["errno_fd"] == 7 * ptr + 7 * 4
+    assert ctypes.sizeof(_clone.SpawnRequest) == 7 * ptr + 8 * 4
+
+
+def test_spawn_helper_is_built_and_calls_nothing_in_the_child():
+    """scripts/setup.sh builds the helper; the child code (child_main) makes
+    raw system calls only: no call into the C library, whose locks another
+    thread of the caller may hold."""
+    assert _clone.helper() is not None, f"{_clone.HELPER_PATH} missing: make -C agentcg/client"
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("no objdump")
+    text = subprocess.run([objdump, "-d", str(_clone.HELPER_PATH)], capture_output=True, text=True,
+                          check=True).stdout
+    body = text.split("<child_main>:", 1)[1].split("\n\n", 1)[0]
+    assert "syscall" in body or "svc" in body
+    assert "@plt" not in body and "call" not in body.replace("syscall", "")
 
 
 @pytest.mark.parametrize("kwargs, ok", [
