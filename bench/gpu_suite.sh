@@ -131,18 +131,18 @@ if [ $SMOKE = 1 ]; then
   fi
   run_part toolcall_overhead 120 root toolcall_overhead.json -- "$PY" bench/toolcall_overhead.py --calls 40 --warmup 5 --methods bare,daemon --quiet --out "$OUT_DIR/toolcall_overhead.json"
 else
-  run_part gpu_tests 30 cuda "" -- "$PY" -m pytest -q -p no:cacheprovider tests/gpu
+  run_part gpu_tests 60 cuda "" -- "$PY" -m pytest -q -p no:cacheprovider tests/gpu
   run_part kv_swap 35 cuda kv_swap.json -- "$PY" bench/kv_swap.py --sizes-gib 1,4 --repeats 2 --out "$OUT_DIR"
   run_part resume 45 cuda resume_overlap.json -- "$PY" bench/resume.py --context 32768 --repeats 2 --device cuda --out "$OUT_DIR"
   run_part decode 35 cuda decode.json -- "$PY" bench/decode.py --device cuda --out "$OUT_DIR"
   if [ -e bench/agent_jct.py ] || [ -d bench/agent_jct ]; then
-    run_part agent_jct 150 cuda agent_jct.json -- "$PY" -m bench.agent_jct --preset gpu --device cuda --max-seconds 135 --out "$OUT_DIR/agent_jct.json"
+    run_part agent_jct 130 cuda agent_jct.json -- "$PY" -m bench.agent_jct --preset gpu --device cuda --max-seconds 115 --out "$OUT_DIR/agent_jct.json"
   fi
   run_part toolcall_overhead 40 v2 toolcall_overhead.json -- "$PY" bench/toolcall_overhead.py --calls 500 --quiet --out "$OUT_DIR/toolcall_overhead.json"
   run_part bpf_tracker 35 root bpf_tracker.json -- "$PY" bench/bpf_tracker.py --rounds 4 --calls 100 --out "$OUT_DIR/bpf_tracker.json"
   for seed in 1 7; do
-    run_part "replay_seed$seed" 45 v2 "" -- "$PY" -m bench.replay --sessions 3 --priorities 8,2,8 --speedup 5 \
-      --mem-scale 0.5 --seed $seed --max-duration-s 35 --no-plots --out "$OUT_DIR/replay-seed$seed"
+    run_part "replay_seed$seed" 40 v2 "" -- "$PY" -m bench.replay --sessions 3 --priorities 8,2,8 --speedup 5 \
+      --mem-scale 0.5 --seed $seed --max-duration-s 30 --no-plots --out "$OUT_DIR/replay-seed$seed"
   done
 fi
 
