@@ -68,9 +68,14 @@ def install_unit(repo: Path) -> str:
     lines = ["[Service]", "ExecStart=", f"ExecStart={exe}", f"WatchdogSec={WATCHDOG_S}s",
              "Environment=PYTHONDONTWRITEBYTECODE=1"]
     prefix = Path(sys.base_prefix).resolve()
-    hidden = [p for p in (prefix, repo) if p.parts[1:2] in (("root",), ("home",))]
-    if hidden:
-        lines += ["ProtectHome=tmpfs", "BindReadOnlyPaths=" + " ".join(str(p) for p in hidden)]
+    # ProtectHome= hides /root and /home, PrivateTmp= /tmp and /var/tmp: a
+    # checkout or interpreter there is bound back in, read-only
+    in_home = [p for p in (prefix, repo) if p.parts[1:2] in (("root",), ("home",))]
+    in_tmp = [p for p in (prefix, repo) if p.parts[1:2] == ("tmp",) or p.parts[1:3] == ("var", "tmp")]
+    if in_home:
+        lines.append("ProtectHome=tmpfs")
+    if in_home or in_tmp:
+        lines.append("BindReadOnlyPaths=" + " ".join(str(p) for p in in_home + in_tmp))
     drop_in = UNIT_DIR / "agentcgd.service.d"
     drop_in.mkdir(parents=True, exist_ok=True)
     text = "\n".join(lines) + "\n"
