@@ -150,7 +150,8 @@ class Client:
                 msg = p.decode(line)
                 if msg.get("id") in (rid, None):
                     break
-                self._reader.close_fds()
+                # a reply read on the way (to call.started, sent without waiting)
+                # carries no fds: any received came with the awaited reply
                 callback = self._pending.pop(msg.get("id"), None)
                 if callback is not None:
                     callback(msg)
