@@ -1,8 +1,8 @@
 """An agentcgd of a benchmark's own: its config on a temporary cgroup root, the
 process, the wait for its socket and the stop.
 
-Shared by the benchmarks that run their own daemon (soak, metrics_overhead;
-toolcall_overhead's Daemon is the same start and can use BenchDaemon too).
+Shared by the benchmarks that run their own daemon (soak, metrics_overhead,
+toolcall_overhead).
 """
 from __future__ import annotations
 

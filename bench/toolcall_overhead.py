@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "toolcall_overhead.json"
 TRUE = shutil.which("true") or "/bin/true"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench._daemon import BenchDaemon  # noqa: E402
 
 WRAPPER_SCRIPT = r"""
 D="$1/w-$2"
@@ -154,27 +157,9 @@ class Daemon:
         from agentcg.client import Client
 
         self.root = root
-        self.runtime_dir = workdir / "run"
-        self.socket = self.runtime_dir / "agentcg.sock"
-        config = workdir / "agentcg.toml"
-        config.write_text(
-            "[daemon]\n"
-            f'cgroup_root = "{root}"\n'
-            f'runtime_dir = "{self.runtime_dir}"\n'
-            "use_systemd_cgroup = false\n"
-            f"require_controllers = {'true' if require_controllers else 'false'}\n"
-        )
-        self.log = open(workdir / "agentcgd.log", "w+")
-        daemon_bin = Path(sys.executable).with_name("agentcgd")
-        cmd = [str(daemon_bin)] if daemon_bin.exists() else [sys.executable, "-m", "agentcg.daemon.app"]
-        self.proc = subprocess.Popen(cmd + ["--config", str(config)], stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=workdir)  # not the repo root: its agentcg/ would shadow the install
-        deadline = time.monotonic() + 20
-        while not self.socket.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.log.seek(0)
-                raise RuntimeError(f"agentcgd did not start (exit {self.proc.poll()}):\n{self.log.read()}")
-            time.sleep(0.05)
+        self.agentcgd = BenchDaemon(root, workdir, require_controllers=require_controllers, start_timeout_s=20)
+        self.socket = self.agentcgd.socket
+        self.proc = self.agentcgd.proc
         self.client = Client(socket_path=str(self.socket))
         # round-trip time of each request, to split the added cost into its parts
         self.request_ns: dict[str, list[int]] = {"call.start": [], "call.started": [], "call.end": []}
@@ -220,14 +205,7 @@ class Daemon:
         try:
             self._session_cm.__exit__(None, None, None)
         finally:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-            self.log.close()
+            self.agentcgd.stop()
 
 
 class DaemonPid:
