@@ -80,4 +80,6 @@ def test_staging_made_during_a_forward_pass_serves_later_swaps():
     with torch.inference_mode():
         h.issue_all()
     kv.swap_out("s", [11, 12, 13], [(3, 3, 0)])
-    assert torch.equal(kv.host_run(3, 3), kv.host_run(0, 3))
+    # the same bytes: host rows 0-2 were never written, and uninitialised memory
+    # may hold NaN patterns, which compare unequal as floats
+    assert torch.equal(kv.host_run(3, 3).view(torch.int32), kv.host_run(0, 3).view(torch.int32))
