@@ -202,7 +202,7 @@ def _remove_tree(root: Path) -> None:
     if not root.exists():
         return
     fs = CgroupFs(root)
-    for rel in [x for x in fs.children("") if x.startswith("s-")]:
+    for rel in fs.children(""):   # sessions, and the daemon's leaf (a helper may still be exiting)
         Executor(fs).kill(rel)
         fs.wait_unpopulated(rel, 5)
         fs.remove_tree(rel)

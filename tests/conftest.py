@@ -93,16 +93,19 @@ def daemon_dirs(request, mnt: Path) -> tuple[Path, Path]:
 
 
 def remove_daemon_tree(root: Path) -> None:
-    """Kill and remove every session a test's agentcgd left below `root`, then
-    `root` itself (each session thawed first, in case a test froze it)."""
+    """Kill and remove everything a test's agentcgd left below `root` (its
+    sessions, each thawed first in case a test froze it, and its own leaf,
+    where a helper of the daemon such as the BPF stop watchdog may still be
+    exiting), then `root` itself."""
     from agentcg.adapters.cgroupfs import CgroupFs
     from agentcg.adapters.executor import Executor
     fs = CgroupFs(root)
-    for rel in [c for c in fs.children("") if c.startswith("s-")]:
-        try:
-            fs.write(rel, "cgroup.freeze", "0")
-        except OSError:
-            pass
+    for rel in fs.children(""):
+        if rel.startswith("s-"):
+            try:
+                fs.write(rel, "cgroup.freeze", "0")
+            except OSError:
+                pass
         Executor(fs).kill(rel)
         fs.wait_unpopulated(rel, 5)
         fs.remove_tree(rel)
